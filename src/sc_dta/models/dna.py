@@ -111,7 +111,12 @@ def encode_bases(sequences: Sequence[str], *, length: int | None = None) -> np.n
 def _hash_state_dict(model: torch.nn.Module) -> str:
     """sha256 over the names, shapes, dtypes and bytes of all parameters and buffers."""
     h = hashlib.sha256()
+    seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
     for key, tensor in model.state_dict().items():
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and ident in seen:  # Enformer registers every trunk module twice (stem and _trunk.1)
+            continue
+        seen.add(ident)
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
         if t.numel():
