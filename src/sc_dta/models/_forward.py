@@ -1,0 +1,117 @@
+"""Contextual embeddings from a Geneformer-style BERT, computed only up to the requested layer.
+
+This is the forward pass used by in-silico perturbation. It runs ``bert.embeddings`` and then
+only the encoder layers below ``emb_layer``; the layers above it and the masked-LM head (whose
+vocabulary-sized logits dominate the cost of a full ``BertForMaskedLM`` call on small models)
+are never evaluated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["backbone_bert", "contextual_embeddings", "n_layers", "resolve_emb_layer"]
+
+
+def backbone_bert(model: nn.Module) -> nn.Module:
+    """Return the ``BertModel`` inside ``model``.
+
+    Accepts a :class:`transformers.BertForMaskedLM`, a :class:`~sc_dta.models.BioDTA`
+    (through ``.backbone``) or a bare ``BertModel``.
+    """
+    inner = getattr(model, "backbone", model)
+    bert = getattr(inner, "bert", inner)
+    if not (hasattr(bert, "embeddings") and hasattr(bert, "encoder")):
+        raise TypeError(
+            f"model: expected a BertForMaskedLM, a BioDTA or a BertModel, got {type(model).__name__} "
+            "(no `.bert.embeddings` / `.bert.encoder`)."
+        )
+    return bert
+
+
+def n_layers(model: nn.Module) -> int:
+    """Return the number of transformer layers of ``model``'s encoder."""
+    return len(backbone_bert(model).encoder.layer)
+
+
+def resolve_emb_layer(model: nn.Module, emb_layer: int) -> int:
+    """Translate Geneformer's ``emb_layer`` into an index of ``hidden_states``.
+
+    ``emb_layer=0`` is the last layer (``hidden_states[n_layers]``), ``-1`` the second-to-last
+    (``hidden_states[n_layers - 1]``, Geneformer's default) and ``-n_layers`` the embedding output.
+    """
+    n = n_layers(model)
+    if isinstance(emb_layer, bool) or not isinstance(emb_layer, int) or not -n <= emb_layer <= 0:
+        raise ValueError(
+            f"emb_layer: must be an integer between {-n} and 0 for this {n}-layer model "
+            f"(0 = last layer, -1 = second-to-last), got {emb_layer!r}."
+        )
+    return n + emb_layer
+
+
+def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, seq) 0/1 mask -> (batch, 1, 1, seq) additive mask; None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask.to(torch.bool)
+    if bool(keep.all()):
+        return None  # lets SDPA use its unmasked fast path
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    mask.masked_fill_(~keep, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
+def contextual_embeddings(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    emb_layer: int = -1,
+) -> torch.Tensor:
+    """Contextual token embeddings at ``emb_layer``, without the layers above it or the MLM head.
+
+    Equal to ``model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    .hidden_states[n_layers + emb_layer]`` at the non-padded positions, at a fraction of the cost.
+
+    Parameters
+    ----------
+    model
+        A :class:`transformers.BertForMaskedLM` (Geneformer), a :class:`~sc_dta.models.BioDTA`, or a
+        ``BertModel``. For a BioDTA without ``inputs_embeds``, the input embeddings come from its
+        dynamic token embedding (``model.embed_tokens(input_ids)``).
+    input_ids
+        ``(batch, seq)`` token ids (right-padded). May be None when ``inputs_embeds`` is given.
+    attention_mask
+        ``(batch, seq)`` with 1 for real tokens and 0 for padding; None means no padding.
+    inputs_embeds
+        ``(batch, seq, hidden)`` input (word) embeddings used instead of looking up ``input_ids``;
+        position and token-type embeddings and the embedding LayerNorm are still applied.
+    emb_layer
+        0 for the last layer, -1 for the second-to-last (Geneformer's default), down to
+        ``-n_layers`` for the embedding output.
+
+    Returns
+    -------
+    ``(batch, seq, hidden)`` hidden states; values at padded positions are meaningless.
+    """
+    bert = backbone_bert(model)
+    n_run = resolve_emb_layer(model, emb_layer)
+    if inputs_embeds is None:
+        if input_ids is None:
+            raise ValueError("contextual_embeddings: pass input_ids or inputs_embeds.")
+        embed_tokens = getattr(model, "embed_tokens", None)
+        if embed_tokens is not None and hasattr(model, "backbone"):
+            inputs_embeds = embed_tokens(input_ids)
+    if inputs_embeds is not None:
+        hidden = bert.embeddings(inputs_embeds=inputs_embeds)
+    else:
+        hidden = bert.embeddings(input_ids=input_ids)
+    mask = _additive_mask(attention_mask, hidden.dtype)
+    for layer in bert.encoder.layer[:n_run]:
+        out: Any = layer(hidden, attention_mask=mask)
+        hidden = out[0] if isinstance(out, tuple | list) else out
+    return hidden

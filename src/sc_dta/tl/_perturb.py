@@ -1,0 +1,590 @@
+"""In-silico perturbation on AnnData: :func:`perturb_gene` (Geneformer baseline) and :func:`perturb_tss` (Bio-DTA)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from sc_dta._utils import get_anndata
+from sc_dta.tl._perturb_engine import KINDS, PerturbSpec, ShiftResult, run_perturbations
+
+if TYPE_CHECKING:
+    import torch
+    from anndata import AnnData
+    from mudata import MuData
+    from torch import nn
+
+    from sc_dta.genome import Genome
+    from sc_dta.models.dna import DNAEncoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["perturb_gene", "perturb_tss"]
+
+#: Suffixes of the slots written for one result key.
+OBS_SUFFIXES = ("_cell", "_cell_emb", "_evaluated")
+VAR_SUFFIXES = ("_mean", "_n")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _vocab_of(model: nn.Module, tokens: Any) -> Any:
+    """Vocabulary of ``tokens`` when given, else of the model."""
+    if tokens is not None and getattr(tokens, "vocab", None) is not None:
+        return tokens.vocab
+    try:
+        from sc_dta.models.cell import model_vocab
+
+        return model_vocab(model)
+    except Exception as e:  # fall back to a vocabulary attached to the model
+        vocab = getattr(model, "vocab", None)
+        if vocab is not None:
+            return vocab
+        raise ValueError(
+            "model: no Geneformer vocabulary is attached to this model; load it with "
+            "sc_dta.models.load_geneformer(..., vocab=...) or pass tokens=sc_dta.pp.tokenize(adata, ...)."
+        ) from e
+
+
+def _tokenize(adata: AnnData, model: nn.Module, tokens: Any) -> Any:
+    if tokens is not None:
+        for attr in ("input_ids", "obs_names", "var_token_ids", "token_to_var"):
+            if not hasattr(tokens, attr):
+                raise TypeError(
+                    f"tokens: expected a TokenizedCells from sc_dta.pp.tokenize, got {type(tokens).__name__} "
+                    f"(no {attr!r})."
+                )
+        if len(tokens.var_token_ids) != adata.n_vars:
+            raise ValueError(
+                f"tokens: were computed for {len(tokens.var_token_ids)} genes but adata has {adata.n_vars}; "
+                "tokenize this AnnData again."
+            )
+        return tokens
+    from sc_dta.pp import tokenize
+
+    vocab = _vocab_of(model, None)
+    # tokenize a lightweight copy so that a failure later leaves `adata` untouched (obs['n_counts'] etc.)
+    view = adata[:, :]
+    return tokenize(view, vocab=vocab, max_length=getattr(vocab, "max_length", None))
+
+
+def _token_rows(adata: AnnData, tokens: Any) -> np.ndarray:
+    """Row of ``adata`` for each tokenized cell."""
+    names = pd.Index(np.asarray(tokens.obs_names).astype(str))
+    rows = adata.obs_names.get_indexer(names)
+    if (rows < 0).any():
+        missing = names[rows < 0][:5].tolist()
+        raise ValueError(f"tokens: cells {missing} are not in adata.obs_names; tokenize this AnnData again.")
+    return rows
+
+
+def _cells_mask(adata: AnnData, cells: Any) -> np.ndarray:
+    if cells is None:
+        return np.ones(adata.n_obs, dtype=bool)
+    if isinstance(cells, str):
+        cells = [cells]
+    arr = np.asarray(cells)
+    if arr.dtype == bool:
+        if arr.shape != (adata.n_obs,):
+            raise ValueError(f"cells: a boolean mask must have length n_obs={adata.n_obs}, got shape {arr.shape}.")
+        return arr.copy()
+    idx = adata.obs_names.get_indexer(pd.Index(arr.astype(str)))
+    if (idx < 0).any():
+        bad = arr[idx < 0][:5].tolist()
+        raise KeyError(f"cells: {bad} not in adata.obs_names.")
+    mask = np.zeros(adata.n_obs, dtype=bool)
+    mask[idx] = True
+    return mask
+
+
+def _resolve_gene(adata: AnnData, gene: str, tokens: Any, vocab: Any) -> tuple[int, int | None, str]:
+    """``(token_id, var position or None, Ensembl id)`` of ``gene`` (a var name, symbol or Ensembl id)."""
+    if not isinstance(gene, str):
+        raise TypeError(f"gene: expected a gene name or Ensembl id (str), got {type(gene).__name__}.")
+    var_tokens = np.asarray(tokens.var_token_ids)
+    id_to_token = getattr(vocab, "id_to_token", None)
+    if gene in adata.var_names:
+        pos = int(adata.var_names.get_loc(gene))
+        tid = int(var_tokens[pos])
+        if tid < 0:
+            raise ValueError(
+                f"gene: {gene!r} is in adata.var_names but not in the model's vocabulary "
+                f"({getattr(vocab, 'version', 'custom')}), so it was not tokenized."
+            )
+        ens = str(id_to_token[tid]) if id_to_token is not None else gene
+        return tid, pos, ens
+    mapping = getattr(vocab, "mapping", {}) or {}
+    token_ids = getattr(vocab, "token_ids", {}) or {}
+    key = gene.upper()
+    ens = mapping.get(key, key if key in token_ids else None)
+    if ens is None or ens not in token_ids:
+        raise KeyError(f"gene: {gene!r} is neither in adata.var_names nor a gene known to the model's vocabulary.")
+    tid = int(token_ids[ens])
+    hits = np.flatnonzero(var_tokens == tid)
+    if hits.size == 0:
+        raise KeyError(f"gene: {gene!r} ({ens}) is in the vocabulary but no gene of adata maps to it.")
+    return tid, int(hits[0]), ens
+
+
+def _special_ids(vocab: Any) -> dict[str, Any]:
+    pad = getattr(vocab, "pad_id", 0)
+    mask = getattr(vocab, "mask_id", None)
+    cls = getattr(vocab, "cls_id", None)
+    eos = getattr(vocab, "eos_id", None)
+    special = getattr(vocab, "special_ids", None)
+    ids = {int(i) for i in (special or []) if i is not None} | {int(i) for i in (pad, mask, cls, eos) if i is not None}
+    return {
+        "special_ids": sorted(ids),
+        "pad_id": int(pad if pad is not None else 0),
+        "cls_id": None if cls is None else int(cls),
+        "eos_id": None if eos is None else int(eos),
+        "max_length": getattr(vocab, "max_length", None),
+    }
+
+
+def _h5ad_safe(value: Any) -> Any:
+    """Make ``value`` writable to h5ad (no None, numpy scalars to Python)."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return {str(k): _h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        vals = [_h5ad_safe(v) for v in value]
+        if all(isinstance(v, str) for v in vals):
+            return np.asarray(vals, dtype=object) if vals else np.zeros(0, dtype=object)
+        return vals
+    if isinstance(value, int | float | str | bool | np.ndarray):
+        return value
+    return str(value)
+
+
+def _model_info(model: nn.Module) -> dict[str, Any]:
+    backbone = getattr(model, "backbone", model)
+    cfg = getattr(backbone, "config", None)
+    info: dict[str, Any] = {"class": type(model).__name__}
+    if cfg is not None:
+        info.update(
+            name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+            n_layers=int(cfg.num_hidden_layers),
+            hidden_size=int(cfg.hidden_size),
+            vocab_size=int(cfg.vocab_size),
+        )
+    vocab = getattr(model, "vocab", None)
+    if vocab is not None and getattr(vocab, "version", None) is not None:
+        info["vocab"] = str(vocab.version)
+    dna = getattr(model, "dna_encoder_info", None)
+    if isinstance(dna, Mapping):
+        info["dna_encoder"] = dict(dna)
+    return info
+
+
+def _existing_slots(adata: AnnData, key: str) -> list[str]:
+    slots = []
+    if key in adata.layers:
+        slots.append(f"layers[{key!r}]")
+    slots += [f"obs[{key + s!r}]" for s in OBS_SUFFIXES if key + s in adata.obs]
+    slots += [f"var[{key + s!r}]" for s in VAR_SUFFIXES if key + s in adata.var]
+    if key in adata.uns:
+        slots.append(f"uns[{key!r}]")
+    return slots
+
+
+def _check_keys(adata: AnnData, keys: Sequence[str]) -> None:
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key_added: the result keys {list(keys)} are not unique.")
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key_added: expected a non-empty string, got {key!r}.")
+        slots = _existing_slots(adata, key)
+        if slots:
+            warnings.warn(f"key {key!r}: overwriting existing {', '.join(slots)}.", UserWarning, stacklevel=3)
+
+
+def _assemble(
+    adata: AnnData, res: ShiftResult, rows: np.ndarray, tok2col: np.ndarray
+) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Turn an engine result into the layer / obs / var arrays (nothing written yet)."""
+    from scipy import sparse
+
+    cols = np.where(res.token < tok2col.shape[0], tok2col[np.minimum(res.token, tok2col.shape[0] - 1)], -1)
+    ok = cols >= 0
+    r = rows[res.cell[ok]]
+    c = cols[ok]
+    v = res.shift[ok].astype(np.float32)
+    layer = sparse.csr_matrix((v, (r, c)), shape=(adata.n_obs, adata.n_vars), dtype=np.float32)
+    layer.sum_duplicates()
+    layer.sort_indices()
+    n = np.bincount(c, minlength=adata.n_vars).astype(np.int64)
+    total = np.bincount(c, weights=v.astype(np.float64), minlength=adata.n_vars)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
+    cell = np.full(adata.n_obs, np.nan, dtype=np.float32)
+    cell_emb = np.full(adata.n_obs, np.nan, dtype=np.float32)
+    evaluated = np.zeros(adata.n_obs, dtype=bool)
+    cell[rows] = res.cell_mean
+    cell_emb[rows] = res.cell_emb
+    evaluated[rows] = res.evaluated
+    obs = {"_cell": cell, "_cell_emb": cell_emb, "_evaluated": evaluated}
+    var = {"_mean": mean, "_n": n}
+    return layer, obs, var
+
+
+def _write(adata: AnnData, key: str, layer: Any, obs: dict, var: dict, params: dict) -> None:
+    adata.layers[key] = layer
+    for suffix, values in obs.items():
+        adata.obs[key + suffix] = values
+    for suffix, values in var.items():
+        adata.var[key + suffix] = values
+    adata.uns[key] = {"params": _h5ad_safe(params)}
+
+
+class _Run:
+    """Everything both public functions share: tokens, gene, cells, and the final write."""
+
+    def __init__(
+        self, adata: AnnData, gene: str, model: nn.Module, tokens: Any, cells: Any, emb_layer: int, need_var: bool
+    ) -> None:
+        from sc_dta.models._forward import resolve_emb_layer
+
+        self.adata = adata
+        resolve_emb_layer(model, emb_layer)
+        mask = _cells_mask(adata, cells)
+        self.tokens = _tokenize(adata, model, tokens)
+        self.vocab = _vocab_of(model, self.tokens)
+        self.token_id, self.var_pos, self.gene_id = _resolve_gene(adata, gene, self.tokens, self.vocab)
+        if need_var and self.var_pos is None:
+            raise KeyError(f"gene: {gene!r} is not in adata.var_names.")
+        rows = _token_rows(adata, self.tokens)
+        keep = mask[rows]
+        if hasattr(self.tokens, "empty"):
+            keep &= ~np.asarray(self.tokens.empty, dtype=bool)
+        self.rows = rows[keep]
+        self.cells = [np.asarray(self.tokens.input_ids[i]) for i in np.flatnonzero(keep)]
+        has_gene = np.array([bool(np.any(c == self.token_id)) for c in self.cells], dtype=bool)
+        if not has_gene.any():
+            raise ValueError(
+                f"gene: {gene!r} ({self.gene_id}) is not among the tokens of any of the {len(self.cells)} selected "
+                "cells (it is not expressed there or falls outside the first max_length genes); nothing to perturb."
+            )
+        self.n_selected = int(mask.sum())
+        self.n_with_gene = int(has_gene.sum())
+        tok2var = self.tokens.token_to_var()
+        size = max(max(tok2var, default=0), int(self.token_id)) + 1
+        self.tok2col = np.full(size, -1, dtype=np.int64)
+        for t, v in tok2var.items():
+            self.tok2col[int(t)] = int(v)
+        self.specials = _special_ids(self.vocab)
+
+    def results(self, model: nn.Module, specs: list[PerturbSpec], **kwargs: Any) -> list[ShiftResult]:
+        return run_perturbations(model, self.cells, specs, **self.specials, **kwargs)
+
+    def params(self, gene: str, model: nn.Module, emb_layer: int, res: ShiftResult) -> dict[str, Any]:
+        return {
+            "gene": gene,
+            "gene_id": self.gene_id,
+            "token_id": int(self.token_id),
+            "model": _model_info(model),
+            "emb_layer": int(emb_layer),
+            "cells": self.n_selected,
+            "n_evaluated": int(res.evaluated.sum()),
+            "cell_emb": res.cell_emb_mode,
+            "vocab": str(getattr(self.vocab, "version", "")),
+        }
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def perturb_gene(
+    adata: AnnData | MuData,
+    gene: str,
+    *,
+    model: nn.Module,
+    kind: Literal["delete", "overexpress"] | Sequence[str] = "delete",
+    cells: Sequence[str] | np.ndarray | None = None,
+    tokens: Any = None,
+    key_added: str | None = None,
+    emb_layer: int = -1,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    copy: bool = False,
+    mod: str = "rna",
+) -> AnnData | MuData | None:
+    """Geneformer's in-silico deletion / overexpression of one gene (the adapter-free baseline).
+
+    For every selected cell whose tokens contain ``gene``, the model is run on the original
+    tokens and on the perturbed ones, and each other gene's shift is ``1 - cos`` of its two
+    contextual embeddings at ``emb_layer``. ``delete`` removes the gene's token; ``overexpress``
+    moves it to the front (after ``<cls>`` in V2). The genes are paired position by position after
+    removing the perturbed gene, so ``<cls>``/``<eos>`` and the gene itself are never affected genes.
+    Cells without the gene are not evaluated.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts (or a MuData; ``mod`` selects the modality).
+    gene
+        A var name, a gene symbol or an Ensembl id known to the model's vocabulary.
+    model
+        A Geneformer ``BertForMaskedLM`` from :func:`sc_dta.models.load_geneformer` or a
+        :class:`~sc_dta.models.BioDTA` (then the input embeddings are its dynamic ones).
+    kind
+        ``"delete"``, ``"overexpress"``, or a list of both: the unperturbed forward pass is computed
+        once and shared.
+    cells
+        Boolean mask over ``obs``, obs names, or None for all cells.
+    tokens
+        A :class:`~sc_dta.pp.TokenizedCells` from :func:`sc_dta.pp.tokenize` to reuse; None tokenizes
+        ``adata`` with the model's vocabulary.
+    key_added
+        Result key. Default ``"dta_shift_delete"`` / ``"dta_shift_overexpress"``; with several kinds a
+        given ``key_added`` becomes ``f"{key_added}_{kind}"``.
+    emb_layer
+        Layer compared: ``-1`` second-to-last (Geneformer's default), ``0`` last.
+    batch_size
+        Cells per forward pass (default ``settings.batch_size_cells``); halved on CUDA out-of-memory.
+    device
+        Compute device (default ``settings.device``); the model is moved there.
+    copy
+        Return a copy instead of writing to ``adata``.
+    mod
+        Modality of a MuData.
+
+    Returns
+    -------
+    ``adata`` copy when ``copy=True``, else None. For each result key ``key`` it writes:
+
+    ``adata.layers[key]``
+        CSR float32 ``n_obs × n_vars``: the shift of each gene in each evaluated cell where the gene
+        is among the cell's tokens (stored entries only there; the perturbed gene has none).
+    ``adata.obs[key + '_cell']``
+        Mean gene shift of the cell (NaN when not evaluated).
+    ``adata.obs[key + '_cell_emb']``
+        ``1 - cos`` of the cell embeddings: the ``<cls>`` vector when the cells start with ``<cls>``
+        (V2, as Geneformer), else the mean of the paired gene embeddings (V1).
+    ``adata.obs[key + '_evaluated']``
+        Whether the cell was evaluated (selected and containing the gene).
+    ``adata.var[key + '_mean']``, ``adata.var[key + '_n']``
+        Mean shift over the cells where the gene was measured, and that number of cells.
+    ``adata.uns[key]['params']``
+        gene, gene_id, token_id, kind, model ids, emb_layer, cells, n_evaluated, cell_emb.
+    """
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kind: expected 'delete', 'overexpress' or a list of distinct ones, got {kind!r}.")
+    if key_added is None:
+        keys = [f"dta_shift_{k}" for k in kinds]
+    elif len(kinds) == 1:
+        keys = [key_added]
+    else:
+        keys = [f"{key_added}_{k}" for k in kinds]
+
+    data = adata.copy() if copy else adata
+    ad = get_anndata(data, mod)
+    _check_keys(ad, keys)
+    run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=False)
+    specs = [PerturbSpec(kind=k, token_id=run.token_id) for k in kinds]
+    results = run.results(
+        model, specs, emb_layer=emb_layer, batch_size=batch_size, device=device, desc=f"{'/'.join(kinds)} {gene}"
+    )
+    outputs = []
+    for k, key, res in zip(kinds, keys, results, strict=True):
+        layer, obs, var = _assemble(ad, res, run.rows, run.tok2col)
+        params = run.params(gene, model, emb_layer, res) | {"kind": k, "mutation": k}
+        outputs.append((key, layer, obs, var, params))
+    for out in outputs:
+        _write(ad, *out)
+    logger.info("perturb_gene(%s, %s): %d cells evaluated", gene, kinds, run.n_with_gene)
+    return data if copy else None
+
+
+def _mutation_groups(mutation: Any) -> tuple[list[list[Any]], bool]:
+    """Normalise ``mutation`` to a list of mutation groups (applied together) and whether it was a list."""
+    if isinstance(mutation, str) or not isinstance(mutation, Sequence):
+        return [[mutation]], False
+    groups = []
+    for m in mutation:
+        if isinstance(m, str) or not isinstance(m, Sequence):
+            groups.append([m])
+        else:
+            if not m:
+                raise ValueError("mutation: an empty group of mutations was given.")
+            groups.append(list(m))
+    if not groups:
+        raise ValueError("mutation: an empty list of mutations was given.")
+    return groups, True
+
+
+def _mutation_text(group: list[Any]) -> str:
+    return ";".join(str(m) for m in group)
+
+
+def perturb_tss(
+    adata: AnnData | MuData,
+    gene: str,
+    mutation: Any,
+    *,
+    model: nn.Module,
+    genome: Genome,
+    encoder: DNAEncoder,
+    cells: Sequence[str] | np.ndarray | None = None,
+    tokens: Any = None,
+    key_added: str = "dta_shift",
+    emb_layer: int = -1,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    copy: bool = False,
+    mod: str = "rna",
+) -> AnnData | MuData | None:
+    """Mutate a gene's TSS in silico and measure, cell by cell, how every other gene's embedding shifts.
+
+    The gene's DNA window (:func:`sc_dta.tl._dna_cache.tss_window`, centred on its TSS from
+    ``adata.var['tss_chrom'|'tss_pos'|'tss_strand']``) is mutated and embedded with ``encoder``;
+    the BioDTA adapter maps it to the gene's new input token embedding. The original input is the
+    model's normal dynamic embedding (reference DNA), the perturbed input the same tokens with only
+    this gene's input embedding replaced. Shift = ``1 - cos`` of each other gene's contextual
+    embeddings at ``emb_layer``; only cells whose tokens contain the gene are evaluated.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts and TSS annotation (:func:`sc_dta.pp.annotate_tss`), or a MuData.
+    gene
+        A var name, a gene symbol or an Ensembl id.
+    mutation
+        A mutation spec string (``"chr8:11676959:C>T"``, ``"delete:-100:+50"``, ``"random:10"``), a
+        mutation object (:class:`~sc_dta.genome.Variant`, ...), or a list of them: one result per
+        element. An element that is itself a list (e.g. :func:`~sc_dta.genome.read_vcf` output) is
+        applied as one haplotype.
+    model
+        A trained :class:`~sc_dta.models.BioDTA`.
+    genome
+        The :class:`~sc_dta.genome.Genome` the windows are cut from.
+    encoder
+        The DNA encoder the model's adapter was trained on.
+    cells
+        Boolean mask over ``obs``, obs names, or None for all cells.
+    tokens
+        A :class:`~sc_dta.pp.TokenizedCells` to reuse; None tokenizes with the model's vocabulary.
+    key_added
+        Result key for a single mutation; for a list, ``f"{key_added}_{i}"`` for element ``i``
+        (``uns[key]['params']['mutation']`` holds its text).
+    emb_layer
+        Layer compared: ``-1`` second-to-last (default), ``0`` last.
+    batch_size
+        Cells per forward pass (default ``settings.batch_size_cells``).
+    device
+        Compute device (default ``settings.device``).
+    seed
+        Seed for random mutations.
+    copy
+        Return a copy instead of writing to ``adata``.
+    mod
+        Modality of a MuData.
+
+    Returns
+    -------
+    ``adata`` copy when ``copy=True``, else None. Writes for each key the same slots as
+    :func:`perturb_gene` (``layers[key]``, ``obs[key + '_cell' | '_cell_emb' | '_evaluated']``,
+    ``var[key + '_mean' | '_n']``, ``uns[key]['params']`` with the mutation text, window, encoder
+    and seed). The unperturbed forward pass is computed once for all mutations.
+    """
+    from sc_dta.tl._dna_cache import embed_windows, tss_window
+
+    if not (hasattr(model, "embed_tokens") and hasattr(model, "backbone")):
+        raise TypeError(
+            f"model: perturb_tss needs a BioDTA (DNA-aware token embeddings), got {type(model).__name__}; "
+            "use perturb_gene for the adapter-free baseline."
+        )
+    groups, is_list = _mutation_groups(mutation)
+    keys = [f"{key_added}_{i}" for i in range(len(groups))] if is_list else [key_added]
+
+    data = adata.copy() if copy else adata
+    ad = get_anndata(data, mod)
+    _check_keys(ad, keys)
+    run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=True)
+    chrom, tss, strand = _gene_tss(ad, gene, run.var_pos)
+    _check_dna(model, run.token_id, gene, encoder)
+
+    reference = tss_window(genome, chrom, tss, strand, encoder)
+    windows = []
+    for group in groups:
+        try:
+            seq = tss_window(genome, chrom, tss, strand, encoder, mutations=group, seed=seed)
+        except (ValueError, KeyError) as e:
+            raise type(e)(f"mutation {_mutation_text(group)!r} of {gene!r}: {e}") from e
+        if len(seq) != len(reference):
+            raise ValueError(
+                f"mutation {_mutation_text(group)!r}: mutated window has {len(seq)} bp, expected {len(reference)}."
+            )
+        if seq == reference:
+            raise ValueError(
+                f"mutation {_mutation_text(group)!r} does not change the {len(reference)} bp window around the TSS of "
+                f"{gene!r} ({chrom}:{tss} {strand}); it lies outside the window or restores the reference."
+            )
+        windows.append(seq)
+    embeddings = embed_windows(windows, encoder, device=device)
+
+    specs = [PerturbSpec(kind="embedding", token_id=run.token_id, dna_override=e) for e in embeddings]
+    results = run.results(model, specs, emb_layer=emb_layer, batch_size=batch_size, device=device, desc=f"TSS {gene}")
+    outputs = []
+    for group, key, res in zip(groups, keys, results, strict=True):
+        layer, obs, var = _assemble(ad, res, run.rows, run.tok2col)
+        params = run.params(gene, model, emb_layer, res) | {
+            "kind": "tss_mutation",
+            "mutation": _mutation_text(group),
+            "seed": int(seed),
+            "tss": {"chrom": str(chrom), "pos": int(tss), "strand": str(strand)},
+            "encoder": {
+                "name": str(getattr(encoder, "name", type(encoder).__name__)),
+                "weights_id": str(getattr(encoder, "weights_id", "")),
+                "window": int(encoder.window),
+                "center_shift": int(getattr(encoder, "center_shift", 0)),
+            },
+            "genome": str(getattr(genome, "name", "")),
+        }
+        outputs.append((key, layer, obs, var, params))
+    for out in outputs:
+        _write(ad, *out)
+    return data if copy else None
+
+
+def _gene_tss(adata: AnnData, gene: str, pos: int) -> tuple[str, int, str]:
+    cols = ("tss_chrom", "tss_pos", "tss_strand")
+    missing = [c for c in cols if c not in adata.var.columns]
+    if missing:
+        raise KeyError(f"adata.var lacks {missing}; run sc_dta.pp.annotate_tss(adata, gtf) first.")
+    row = adata.var.iloc[pos]
+    chrom, tss, strand = row["tss_chrom"], row["tss_pos"], row["tss_strand"]
+    if pd.isna(chrom) or pd.isna(tss) or pd.isna(strand) or str(chrom) == "":
+        raise ValueError(f"gene: {gene!r} has no TSS annotation in adata.var (not found in the GTF).")
+    return str(chrom), int(tss), str(strand)
+
+
+def _check_dna(model: nn.Module, token_id: int, gene: str, encoder: DNAEncoder) -> None:
+    emb = getattr(model, "token_embedding", None)
+    has_dna = getattr(emb, "has_dna", None)
+    if has_dna is not None and not bool(has_dna[int(token_id)]):
+        raise ValueError(
+            f"gene: {gene!r} has no DNA embedding in this model (its token uses the static embedding), so a TSS "
+            "mutation cannot change it; embed its TSS window (tl.embed_dna) and set it with model.set_dna_embeddings."
+        )
+    info = getattr(model, "dna_encoder_info", None)
+    if isinstance(info, Mapping):
+        for attr in ("name", "window"):
+            if attr in info and info[attr] not in (None, "") and str(info[attr]) != str(getattr(encoder, attr, "")):
+                warnings.warn(
+                    f"encoder: its {attr} {getattr(encoder, attr, None)!r} differs from the model's DNA encoder "
+                    f"({info[attr]!r}); mutated and reference embeddings may not be comparable.",
+                    UserWarning,
+                    stacklevel=3,
+                )
