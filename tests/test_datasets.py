@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,7 +96,7 @@ def server():
 @pytest.fixture(autouse=True)
 def _online(monkeypatch):
     """Tests start online with no mirror configured, whatever the calling environment says."""
-    for var in ("SC_DTA_OFFLINE", "HF_HUB_OFFLINE", "SC_DTA_DATA_URL"):
+    for var in ("SC_DTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SC_DTA_DATA_URL"):
         monkeypatch.delenv(var, raising=False)
     # pooch waits 1 s, 2 s, 3 s between retries; the retries themselves are what we test.
     import pooch.core
@@ -325,7 +326,7 @@ def test_mirror_base_url_from_environment(server, monkeypatch):
     assert server.requests == [("GET", "/mirror/a/m.bin")]
 
 
-@pytest.mark.parametrize("var", ["SC_DTA_OFFLINE", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("var", ["SC_DTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
 def test_offline_fetch_uses_the_cache_and_never_the_network(server, monkeypatch, var):
     payload = b"cached bytes"
     server.routes["/o.bin"] = payload
@@ -350,11 +351,13 @@ def test_connection_failure_is_a_clear_error(server, monkeypatch):
     assert files_under(dta.settings.cache_dir) == []
 
 
-def test_real_geneformer_dictionaries_from_loopback(geneformer_data, server):
+def test_real_geneformer_dictionaries_from_loopback(geneformer_data, server, caplog):
     # Serve the real files at their registry cache paths (a mirror), then prefetch both groups.
     for upstream in GENEFORMER_DICTS.values():
         server.routes["/" + upstream] = (geneformer_data / upstream.rsplit("/", 1)[-1]).read_bytes()
+    caplog.set_level(logging.INFO, logger="sc_dta")
     paths = dta.datasets.prefetch(["geneformer_v2_dictionaries", "geneformer_v1_dictionaries"], base_url=server.url)
+    assert "prefetch 8/8: geneformer_v1_gene_name_id_dict" in caplog.text
     assert set(paths) == set(GENEFORMER_DICTS)
     sums = dict(reversed(line.split()) for line in (geneformer_data / "SHA256SUMS").read_text().splitlines())
     for name, upstream in GENEFORMER_DICTS.items():

@@ -2,7 +2,7 @@
 
 Environment variables
 ---------------------
-``SC_DTA_OFFLINE`` / ``HF_HUB_OFFLINE``
+``SC_DTA_OFFLINE`` / ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``
     Truthy (``1``, ``true``, ``yes``, ``on``): never touch the network; only cached files and
     snapshots are used, and a missing one is a clear error pointing at :func:`prefetch`.
 ``SC_DTA_DATA_URL``
@@ -32,14 +32,14 @@ __all__ = ["fetch", "hf_snapshot", "prefetch"]
 
 logger = logging.getLogger(__name__)
 
-_OFFLINE_VARS = ("SC_DTA_OFFLINE", "HF_HUB_OFFLINE")
+_OFFLINE_VARS = ("SC_DTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _RETRIES = 3
 _CHUNK = 1 << 20
 _TIMEOUT = (30, 300)  # seconds to connect, seconds between bytes
 
 
 def is_offline() -> bool:
-    """Whether ``SC_DTA_OFFLINE`` or ``HF_HUB_OFFLINE`` asks for no network access (read at call time)."""
+    """Whether ``SC_DTA_OFFLINE``, ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` forbid network access (read now)."""
     return any(os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"} for var in _OFFLINE_VARS)
 
 
