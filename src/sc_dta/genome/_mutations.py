@@ -429,7 +429,7 @@ def _apply(
     chrom_len = genome.chrom_length(chrom)
     edits = []
     for v in variants:
-        if genome.resolve_chrom(v.chrom) != chrom:
+        if v.chrom not in genome or genome.resolve_chrom(v.chrom) != chrom:
             raise ValueError(
                 f"Mutation {str(v)!r} is outside the window: it is on {v.chrom!r} but the window is on "
                 f"{chrom}:{ws}-{we} (0-based, half-open)."
