@@ -341,32 +341,32 @@ class EnformerEncoder:
         use_tf_gamma
             Whether the attention layers use the TensorFlow gamma positional features. Default: True for
             ``EleutherAI/enformer-official-rough`` (how those weights were trained), else the value stored in the
-            model config. Pass True for a local copy of the official weights.
+            model config. A local directory holding the official ``pytorch_model.bin`` (recognised by the sha256
+            in the :mod:`sc_dta.datasets` registry) counts as the official model.
         **kwargs
             Passed to :class:`EnformerEncoder` (``window``, ``n_bins``, ``name``, ``weights_id``).
         """
         import enformer_pytorch
 
         local = Path(repo_or_path).expanduser()
-        repo_id: str | None = None
         if local.is_dir():
             local_dir = local
         elif local.exists():
             raise ValueError(f"repo_or_path={str(repo_or_path)!r} is a file; expected a model directory or repo id.")
         else:
-            repo_id = str(repo_or_path)
-            local_dir = _hf_snapshot(repo_id, revision)
+            local_dir = _hf_snapshot(str(repo_or_path), revision)
+        repo_id, commit = _hf_cache_origin(local_dir)
+        weights_hash = None
+        if repo_id is None:  # a plain directory: identify the weights by their content
+            weights_hash = _hash_files(_weight_files(local_dir))
+        official = repo_id == OFFICIAL_ENFORMER or weights_hash == _official_weights_sha256()
         model = enformer_pytorch.from_pretrained(str(local_dir), use_tf_gamma=use_tf_gamma)
         if use_tf_gamma is None:
-            use_tf_gamma = True if repo_id == OFFICIAL_ENFORMER else bool(getattr(model.config, "use_tf_gamma", False))
-        _set_tf_gamma(model, use_tf_gamma)
+            use_tf_gamma = official or bool(getattr(model.config, "use_tf_gamma", False))
+        _set_tf_gamma(model, bool(use_tf_gamma))
         model.eval()
         if kwargs.get("weights_id") is None:
-            if repo_id is not None:
-                commit = local_dir.name if local_dir.parent.name == "snapshots" else (revision or "unpinned")
-                kwargs["weights_id"] = f"{repo_id}@{commit}"
-            else:
-                kwargs["weights_id"] = _hash_files(_weight_files(local_dir))
+            kwargs["weights_id"] = weights_hash if repo_id is None else f"{repo_id}@{commit or revision or 'unpinned'}"
         logger.info(
             "Loaded Enformer from %s (weights_id=%s, use_tf_gamma=%s)", local_dir, kwargs["weights_id"], use_tf_gamma
         )
@@ -482,6 +482,30 @@ def _weight_files(directory: Path) -> list[Path]:
         if files:
             return files
     raise FileNotFoundError(f"No weight files (*.safetensors, *.bin) in {directory}.")
+
+
+def _hf_cache_origin(directory: Path) -> tuple[str | None, str | None]:
+    """``(repo_id, commit)`` when ``directory`` is a snapshot in the Hugging Face cache layout, else Nones.
+
+    The layout is ``.../models--<owner>--<name>/snapshots/<commit>[/subfolder]``.
+    """
+    for path in (directory, directory.resolve()):
+        parts = path.parts
+        for i in range(len(parts) - 2, 0, -1):
+            if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+                return parts[i - 1][len("models--") :].replace("--", "/"), parts[i + 1]
+    return None, None
+
+
+def _official_weights_sha256() -> str | None:
+    """sha256 of the official ``pytorch_model.bin`` as recorded in the datasets registry (None if unknown)."""
+    try:
+        from sc_dta.datasets import registry
+
+        digest = registry()["enformer"]["files"]["pytorch_model.bin"]["sha256"]
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return None
+    return f"sha256:{digest}" if digest else None
 
 
 def _hf_snapshot(repo_id: str, revision: str | None) -> Path:

@@ -285,12 +285,12 @@ def tss_window(
 ) -> str:
     """Build the transcription-oriented window ``encoder`` embeds for a TSS, optionally with mutations applied.
 
-    Without mutations this is ``genome.window(chrom, tss + center_shift_oriented, encoder.window, strand)``: the
-    TSS lies at window index ``window // 2 - center_shift``. With mutations the window is cut from
-    ``genome.mutated_window`` centred on the TSS itself (which keeps a shifted TSS centred after indels and
-    interprets TSS-relative specs such as ``"delete:-100:+50"`` relative to the true TSS), extended by
-    ``|center_shift|`` on both sides and then trimmed, so the TSS lands at the same index as in the reference
-    window and unmutated bases are identical.
+    The result equals ``genome.window(chrom, tss + center_shift_oriented, encoder.window, strand)`` (see
+    :func:`oriented_center`): the TSS lies at window index ``window // 2 - center_shift``. It is computed by cutting
+    it from the window centred on the TSS itself, extended by ``|center_shift|`` bp on both sides, which also works
+    for a TSS within ``|center_shift|`` bp of a chromosome end. With mutations the extended window comes from
+    ``genome.mutated_window`` (which interprets TSS-relative specs such as ``"delete:-100:+50"`` relative to the
+    TSS and keeps a TSS shifted by indels centred), so reference and mutated windows are cut the same way.
 
     Parameters
     ----------
@@ -307,11 +307,12 @@ def tss_window(
     """
     window = int(encoder.window)
     shift = int(encoder.center_shift)
-    center = oriented_center(tss, strand, shift)
-    if not mutations:
-        return genome.window(chrom, center, window, strand)
+    # Cut the window from one centred on the TSS itself, extended by |shift| on both sides: the TSS must land at
+    # index window // 2 - shift. This also works when TSS + shift falls off the chromosome end.
     extended = window + 2 * abs(shift)
-    seq = genome.mutated_window(chrom, int(tss), extended, strand, list(mutations), seed=seed)
-    # TSS at extended // 2 in ``seq``; it must land at window // 2 - shift in the result.
+    if mutations:
+        seq = genome.mutated_window(chrom, int(tss), extended, strand, list(mutations), seed=seed)
+    else:
+        seq = genome.window(chrom, int(tss), extended, strand)
     offset = extended // 2 - (window // 2 - shift)
     return seq[offset : offset + window]

@@ -209,8 +209,7 @@ def embed_dna(
 def _check_tss(names: pd.Index, chroms: np.ndarray, positions: np.ndarray, strands: np.ndarray, genome: Genome) -> None:
     """Validate every TSS before anything is computed (unknown chromosome, bad strand, position out of range)."""
     available = list(genome.chromosomes)
-    known = set(available)
-    absent = sorted(set(chroms) - known)
+    absent = sorted(c for c in set(chroms) if c not in genome)
     if absent:
         example = names[np.flatnonzero(chroms == absent[0])[0]]
         shown = available[:10] + (["..."] if len(available) > 10 else [])
