@@ -481,3 +481,16 @@ def test_hf_snapshot_and_prefetch_download_from_a_loopback_hub(tmp_path, server,
     server.stop()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert dta.datasets.hf_snapshot("enformer", cache_dir=tmp_path) == path
+
+
+def test_registry_import_is_light():
+    """Listing the registry must not pull in pooch, huggingface_hub or torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sc_dta as dta; dta.datasets.registry(); "
+        "print(sorted(m for m in ('pooch', 'huggingface_hub', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
