@@ -45,7 +45,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``device`` under ``settings.dtype`` (None means full float32)."""
+    """Return the autocast dtype for ``device`` under ``settings.dtype`` (None means full float32)."""
     import torch
 
     if settings.dtype == "float32":
@@ -81,7 +81,7 @@ def get_anndata(data: AnnData | MuData, mod: str = "rna") -> AnnData:
     try:
         from mudata import MuData
     except ImportError:  # pragma: no cover - mudata is a dependency
-        MuData = ()  # noqa: N806
+        MuData = ()
     if isinstance(data, MuData):
         if mod not in data.mod:
             raise KeyError(f"mod={mod!r} is not a modality of this MuData; it has {list(data.mod)}.")

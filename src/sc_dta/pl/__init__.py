@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from sc_dta._lazy import lazy_exports
 
 _EXPORTS = {
     "target_shift": "._target_shift",
