@@ -247,3 +247,24 @@ def test_kmer_attributes_and_errors():
     seq = random_seqs(1, 200, seed=9, alphabet="ACGT")[0]
     canon = KmerEncoder(3, window=200, canonical=True)
     np.testing.assert_allclose(canon.embed([seq]), canon.embed([seq.translate(comp)[::-1]]), atol=1e-7)
+
+
+def test_from_pretrained_default_repo_offline_from_hf_cache(model, tmp_path, monkeypatch, caplog):
+    """The default repository resolves through sc_dta.datasets.hf_snapshot at the pinned revision, offline."""
+    import huggingface_hub.constants
+
+    from sc_dta.datasets import registry
+
+    revision = registry()["enformer"]["revision"]
+    snapshot = tmp_path / "models--EleutherAI--enformer-official-rough" / "snapshots" / revision
+    model.save_pretrained(snapshot, safe_serialization=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="sc_dta.models.dna"):
+        enc = EnformerEncoder.from_pretrained()
+    assert enc.weights_id == f"EleutherAI/enformer-official-rough@{revision}"
+    # official weights use the TensorFlow gammas; this small model's 14-bin window cannot, so the encoder falls back
+    assert all(m.use_tf_gamma for m in enc.model.modules() if type(m).__name__ == "Attention")
+    assert not enc.use_tf_gamma and "use_tf_gamma=False" in caplog.text
+    seqs = random_seqs(2, enc.window, seed=8)
+    np.testing.assert_allclose(enc.embed(seqs), EnformerEncoder(model).embed(seqs), rtol=1e-5, atol=1e-6)
