@@ -149,6 +149,18 @@ def _pad(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarra
     return ids, mask
 
 
+#: A batch ends where a cell is shorter than this fraction of the batch's longest cell (bounds the padding).
+MIN_FILL = 0.9
+
+
+def _batch_len(lengths_desc: np.ndarray, batch_size: int) -> int:
+    """Number of cells in the next batch: at most ``batch_size``, padding at most ~10% of the longest."""
+    n = min(batch_size, len(lengths_desc))
+    if n <= 1:
+        return n
+    return max(1, int(np.count_nonzero(lengths_desc[:n] >= MIN_FILL * lengths_desc[0])))
+
+
 def _oom_error() -> tuple[type[BaseException], ...]:
     import torch
 
@@ -178,8 +190,10 @@ def run_perturbations(
 ) -> list[ShiftResult]:
     """Run all ``specs`` on ``cells``, computing each cell's unperturbed forward once.
 
-    Cells are processed longest first in batches padded to their longest member. On CUDA
-    out-of-memory the batch is halved and the run goes on.
+    Cells are processed longest first in batches padded to their longest member; a batch holds at
+    most ``batch_size`` cells and is cut earlier where a cell is shorter than 90% of its longest one,
+    so padding never costs more than ~10%. On CUDA out-of-memory the batch size is halved and the
+    run goes on.
 
     Parameters
     ----------
@@ -257,8 +271,9 @@ def run_perturbations(
                 plan.append(perturb_tokens(c, s, special_ids=special, cls_id=cls_id, eos_id=eos_id, max_length=max_len))
         plans.append(plan)
     todo = np.flatnonzero([any(p[i] is not None for p in plans) for i in range(n_cells)])
-    lengths = np.array([len(cells[i]) for i in todo])
+    lengths = np.array([len(cells[i]) for i in todo], dtype=np.int64)
     order = todo[np.argsort(-lengths, kind="stable")]
+    sorted_lengths = np.sort(lengths)[::-1]
 
     use_cls = cell_emb == "cls" or (
         cell_emb == "auto" and cls_id is not None and len(order) > 0 and all(cells[i][0] == cls_id for i in order)
@@ -345,7 +360,7 @@ def run_perturbations(
     bs = batch_size
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar:
         while pos < len(order):
-            batch = order[pos : pos + bs]
+            batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs)]
             try:
                 results = process(batch)
             except oom:
