@@ -154,7 +154,7 @@ MIN_FILL = 0.9
 
 
 def _batch_len(lengths_desc: np.ndarray, batch_size: int) -> int:
-    """Number of cells in the next batch: at most ``batch_size``, padding at most ~10% of the longest."""
+    """Return the size of the next batch: at most ``batch_size``, padding at most ~10% of the longest."""
     n = min(batch_size, len(lengths_desc))
     if n <= 1:
         return n
