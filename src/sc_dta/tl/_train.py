@@ -255,7 +255,16 @@ def train_adapter(
                 adapter_layers=adapter_layers,
                 adapter_hidden=adapter_hidden,
                 adapter_dropout=adapter_dropout,
-                dna_encoder_info=_encoder_info(adata, dna_key),
+            )
+        info = _encoder_info(adata, dna_key)
+        if not bio.dna_encoder_info:
+            bio.dna_encoder_info = info
+        elif info.get("name") not in (None, bio.dna_encoder_info.get("name")):
+            logger.warning(
+                "adata.uns[%r] names the DNA encoder %r, the model was trained with %r.",
+                dna_key,
+                info.get("name"),
+                bio.dna_encoder_info.get("name"),
             )
         bio.set_dna_embeddings(dna_token_ids, dna_rows)
         bio.to(dev)
@@ -476,7 +485,9 @@ def _encoder_info(adata: AnnData, dna_key: str) -> dict[str, Any]:
     params = info.get("params", info)
     if not isinstance(params, dict):
         return {}
-    out = {}
+    out: dict[str, Any] = {}
+    if "encoder" in params:
+        out["name"] = str(params["encoder"])  # embed_dna's "encoder" is the encoder's name
     for k, v in params.items():
         if isinstance(v, np.generic):
             v = v.item()
