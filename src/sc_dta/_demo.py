@@ -1,0 +1,392 @@
+"""The ``sc-dta demo`` pipeline on simulated data, and helpers shared with the command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from .models.dna import DNAEncoder
+
+logger = logging.getLogger(__name__)
+
+#: Window of the DNA encoders in the demo (the simulated genes are 4 kb apart).
+DEMO_WINDOW = 2048
+#: Small random-weight Enformer used by ``--encoder enformer-small``.
+ENFORMER_SMALL = {
+    "dim": 96,
+    "depth": 2,
+    "heads": 4,
+    "num_downsamples": 5,
+    "dim_divisible_by": 16,
+    "target_length": 4,
+    "output_heads": {"human": 8},
+}
+
+
+def make_encoder(
+    name: str = "kmer",
+    *,
+    window: int | None = None,
+    k: int = 4,
+    seed: int = 0,
+    revision: str | None = None,
+) -> DNAEncoder:
+    """Build a DNA encoder from its command-line name.
+
+    Parameters
+    ----------
+    name
+        ``"kmer"`` (:class:`~sc_dta.models.KmerEncoder` with ``k``), ``"enformer"`` (official weights via
+        :meth:`~sc_dta.models.EnformerEncoder.from_pretrained`), ``"enformer-small"`` (a small Enformer with
+        random weights drawn from ``seed``, for demos and tests) or a local directory of Enformer weights.
+    window
+        Window in bp (default: 2,048 for ``kmer`` and ``enformer-small``, the native window for Enformer).
+    k
+        k-mer length.
+    seed
+        Seed of the random ``enformer-small`` weights.
+    revision
+        Revision of the Enformer weights.
+    """
+    from .models import EnformerEncoder, KmerEncoder
+
+    if name == "kmer":
+        return KmerEncoder(k=k, window=window or DEMO_WINDOW)
+    if name == "enformer-small":
+        import torch
+        from enformer_pytorch import Enformer
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Enformer.from_hparams(**ENFORMER_SMALL)
+        return EnformerEncoder(model, window=window or DEMO_WINDOW, name="enformer-small")
+    if name == "enformer" or Path(name).expanduser().is_dir():
+        source = name if name != "enformer" else "EleutherAI/enformer-official-rough"
+        encoder = EnformerEncoder.from_pretrained(source, revision=revision)
+        return encoder.with_window(window) if window else encoder
+    raise ValueError(
+        f"encoder={name!r}: expected 'kmer', 'enformer', 'enformer-small' or an existing Enformer weights directory."
+    )
+
+
+def new_biodta(
+    adata: AnnData,
+    *,
+    dna_key: str = "dna_emb",
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    intermediate_size: int | None = None,
+    dropout: float = 0.0,
+    max_length: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Any:
+    """A small :class:`~sc_dta.models.BioDTA` to train from scratch, with a vocabulary made from ``adata``.
+
+    The vocabulary (:meth:`~sc_dta.models.GeneformerVocab.from_adata`) has one token per expressed gene;
+    cells are truncated to their ``max_length`` top-ranked tokens (default: room for every gene,
+    ``n_vars + 2``). The DNA embeddings ``adata.varm[dna_key]`` are loaded into the model. ``kwargs`` go to
+    :meth:`~sc_dta.models.BioDTA.from_config` (e.g. ``adapter_dropout``).
+    """
+    from .models import BioDTA, GeneformerVocab
+
+    if dna_key not in adata.varm:
+        raise KeyError(f"dna_key={dna_key!r} is not in adata.varm; run sc_dta.tl.embed_dna first.")
+    emb = np.asarray(adata.varm[dna_key], dtype=np.float32)
+    max_length = adata.n_vars + 2 if max_length is None else int(max_length)
+    vocab = GeneformerVocab.from_adata(adata, max_length=max_length, name="custom")
+    params = dict(adata.uns.get(dna_key, {}).get("params", {}) or {})
+    info = {k: params[k] for k in ("encoder", "weights_id", "window", "pooling", "center_shift") if k in params}
+    if "encoder" in info:
+        info["name"] = info.pop("encoder")
+    model = BioDTA.from_config(
+        vocab,
+        d_dna=emb.shape[1],
+        hidden_size=hidden_size,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        max_position_embeddings=max_length,
+        dropout=dropout,
+        seed=seed,
+        dna_encoder_info=info,
+        **kwargs,
+    )
+    ids, rows = [], []
+    for gene, row in zip(adata.var_names, emb, strict=True):
+        tid = vocab.token_ids.get(str(gene).upper())
+        if tid is not None and np.isfinite(row).all():
+            ids.append(tid)
+            rows.append(row)
+    model.set_dna_embeddings(np.asarray(ids, dtype=np.int64), np.stack(rows))
+    return model
+
+
+def _echo(verbose: bool, *args: Any) -> None:
+    if verbose:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def run_demo(
+    out: str | os.PathLike = "sc_dta_demo",
+    *,
+    seed: int = 0,
+    encoder: str = "kmer",
+    n_cells: int = 3000,
+    n_genes: int = 300,
+    epochs: int | None = None,
+    window: int | None = None,
+    k: int = 4,
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    max_length: int = 128,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    top_k: int = 20,
+    device: str | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Simulate, train and perturb: the whole Bio-DTA method on data with a planted regulatory network.
+
+    Steps: :func:`~sc_dta.datasets.simulated_grn` → :func:`~sc_dta.pp.annotate_tss` →
+    :func:`~sc_dta.tl.embed_dna` (``encoder``) → a small :class:`~sc_dta.models.BioDTA` with a vocabulary made
+    from the data, trained from scratch (:func:`~sc_dta.tl.train_adapter`, ``freeze_backbone=False``) →
+    :func:`~sc_dta.tl.perturb_tss` deleting the TF's promoter motifs → :func:`~sc_dta.tl.perturb_gene`
+    (``kind="delete"``, the adapter-free baseline) → :func:`~sc_dta.tl.rank_targets` against the planted direct and
+    indirect targets. Writes ``demo.h5ad``, ``target_shift.png``, ``metrics.csv`` and the model into ``out``.
+
+    Parameters
+    ----------
+    out
+        Output directory (created).
+    seed
+        Seed of the simulation, the model initialisation and training.
+    encoder
+        ``"kmer"`` or ``"enformer-small"``.
+    n_cells, n_genes
+        Size of the simulated data.
+    epochs
+        Training epochs (default: enough steps for the model to learn the network, about 2,000 cell passes
+        per 100 cells).
+    window
+        DNA window in bp around each TSS (default :data:`DEMO_WINDOW`).
+    k
+        k-mer length of the ``kmer`` encoder.
+    hidden_size, n_layers, n_heads
+        Size of the BioDTA backbone.
+    max_length
+        Tokens per cell (the top-ranked genes, special tokens included).
+    batch_size, lr
+        Training batch size and learning rate.
+    top_k
+        k of the hits@k metric.
+    device
+        Compute device (default ``settings.device``).
+    verbose
+        Print progress and the results table to stderr/stdout.
+
+    Returns
+    -------
+    dict with ``metrics`` (DataFrame), ``adata``, ``sim``, ``model``, ``paths`` and ``timings`` (seconds per step).
+    """
+    import pandas as pd
+
+    from . import datasets, pl, pp, tl
+    from ._settings import settings
+    from .genome import Genome
+
+    if encoder not in ("kmer", "enformer-small"):
+        raise ValueError(f"encoder={encoder!r}: the demo supports 'kmer' and 'enformer-small'.")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start = t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = now - t
+        _echo(verbose, f"  {name}: {now - t:.1f} s")
+        t = now
+
+    _echo(verbose, f"[1/7] simulating {n_cells} cells x {n_genes} genes (seed {seed})")
+    sim = datasets.simulated_grn(n_cells, n_genes, seed=seed, out_dir=out / "genome")
+    adata = sim.adata
+    lap("simulate")
+
+    _echo(verbose, "[2/7] annotating TSSs and embedding promoter DNA")
+    pp.annotate_tss(adata, sim.gtf)
+    genome = Genome(sim.fasta)
+    enc = make_encoder(encoder, window=window, k=k, seed=seed)
+    tl.embed_dna(adata, genome=genome, encoder=enc, device=device)
+    lap("embed_dna")
+
+    _echo(verbose, "[3/7] training a small Bio-DTA model from scratch")
+    model = new_biodta(
+        adata,
+        hidden_size=hidden_size,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        max_length=max_length,
+        seed=seed,
+        adapter_dropout=0.0,
+    )
+    if epochs is None:
+        epochs = max(1, int(round(20 * 1000 / max(n_cells, 1))))
+    tl.train_adapter(
+        adata,
+        model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        freeze_backbone=False,
+        seed=seed,
+        device=device,
+    )
+    model.save_pretrained(out / "model")
+    lap("train")
+
+    cells = (adata.obs["cell_type"] == "cardiomyocyte").to_numpy()
+    _echo(verbose, f"[4/7] deleting the {sim.tf_symbol} promoter motifs ({sim.mutation}) in {cells.sum()} cells")
+    tl.perturb_tss(adata, sim.tf, sim.mutation, model=model, genome=genome, encoder=enc, cells=cells, device=device)
+    lap("perturb_tss")
+
+    _echo(verbose, f"[5/7] baseline: deleting the {sim.tf_symbol} token (Geneformer in-silico deletion)")
+    tl.perturb_gene(adata, sim.tf, model=model, kind="delete", cells=cells, device=device)
+    lap("perturb_gene")
+
+    _echo(verbose, "[6/7] ranking genes against the planted targets")
+    targets = {"direct": sim.truth["direct"], "indirect": sim.truth["indirect"]}
+    metrics = _evaluate(
+        adata,
+        targets,
+        top_k=top_k,
+        methods={"Bio-DTA (TSS motif deletion)": "dta_shift", "baseline (TF token deletion)": "dta_shift_delete"},
+    )
+    lap("rank")
+
+    _echo(verbose, "[7/7] writing results")
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg"):
+        matplotlib.use("Agg")
+    fig = pl.target_shift(adata, key=["dta_shift", "dta_shift_delete"], targets=targets, show=False, return_fig=True)
+    png = out / "target_shift.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    h5ad = out / "demo.h5ad"
+    adata.uns["demo_metrics"] = {c: metrics[c].to_numpy() for c in metrics.columns if c not in ("method", "targets")}
+    adata.uns["demo_metrics"]["method"] = metrics["method"].to_numpy().astype(str)
+    adata.uns["demo_metrics"]["targets"] = metrics["targets"].to_numpy().astype(str)
+    adata.write_h5ad(h5ad)
+    csv = out / "metrics.csv"
+    metrics.to_csv(csv, index=False)
+    lap("write")
+    total = time.perf_counter() - t_start
+    timings["total"] = total
+
+    if verbose:
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print()
+            print(format_metrics(metrics, top_k=top_k))
+            print()
+            print(
+                f"TF {sim.tf_symbol} ({sim.tf}); {len(targets['direct'])} direct and {len(targets['indirect'])} "
+                f"indirect targets among {int(metrics['n_ranked'].iloc[0])} ranked genes; device "
+                f"{settings.device if device is None else device}; total {total:.0f} s"
+            )
+            print(f"results: {h5ad}, {png}, {csv}, {out / 'model'}")
+    return {
+        "metrics": metrics,
+        "adata": adata,
+        "sim": sim,
+        "model": model,
+        "paths": {"h5ad": h5ad, "figure": png, "metrics": csv, "model": out / "model", "genome": sim.fasta},
+        "timings": timings,
+    }
+
+
+def _evaluate(adata: AnnData, targets: dict[str, list[str]], *, top_k: int, methods: dict[str, str]) -> Any:
+    """Metrics of each method (perturbation key) for each target list, plus the chance level."""
+    import pandas as pd
+
+    from . import tl
+
+    rows = []
+    for method, key in methods.items():
+        m = _metrics_of(adata, key, targets, top_k)
+        for name in targets:
+            r = m.loc[name]
+            rows.append(
+                {
+                    "method": method,
+                    "targets": name,
+                    "n_targets": int(r["n_targets"]),
+                    "n_ranked": int(r["n_ranked"]),
+                    f"hits@{top_k}": float(r["hits"]),
+                    "auroc": float(r["auroc"]),
+                    "mannwhitney_p": float(r["pvalue"]),
+                }
+            )
+    for name in targets:
+        ref = next(r for r in rows if r["targets"] == name)
+        rows.append(
+            {
+                "method": "chance",
+                "targets": name,
+                "n_targets": ref["n_targets"],
+                "n_ranked": ref["n_ranked"],
+                f"hits@{top_k}": top_k * ref["n_targets"] / ref["n_ranked"],
+                "auroc": 0.5,
+                "mannwhitney_p": 0.5,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _metrics_of(adata: AnnData, key: str, targets: dict[str, list[str]], top_k: int) -> Any:
+    """hits@k, AUROC and one-sided Mann-Whitney p of each target list, from ``var[key + '_mean']``."""
+    import pandas as pd
+    from scipy.stats import mannwhitneyu
+
+    params = adata.uns[key]["params"]
+    perturbed = params.get("gene_id", params.get("gene"))
+    score = adata.var[f"{key}_mean"]
+    score = score[np.isfinite(score.to_numpy(dtype=float)) & (score.index != perturbed)]
+    order = score.sort_values(ascending=False).index
+    top = set(order[:top_k])
+    rows = {}
+    for name, genes in targets.items():
+        is_t = score.index.isin(genes)
+        pos, neg = score.to_numpy()[is_t], score.to_numpy()[~is_t]
+        u, p = mannwhitneyu(pos, neg, alternative="greater")
+        rows[name] = {
+            "n_targets": int(is_t.sum()),
+            "n_ranked": len(score),
+            "hits": len(top & set(genes)),
+            "auroc": u / (len(pos) * len(neg)),
+            "pvalue": p,
+        }
+    return pd.DataFrame(rows).T
+
+
+def format_metrics(metrics: Any, *, top_k: int = 20) -> str:
+    """The demo's results table as text."""
+    frame = metrics.copy()
+    frame[f"hits@{top_k}"] = frame[f"hits@{top_k}"].map(lambda v: f"{v:.1f}")
+    frame["auroc"] = frame["auroc"].map(lambda v: f"{v:.3f}")
+    frame["mannwhitney_p"] = frame["mannwhitney_p"].map(lambda v: f"{v:.2g}")
+    return frame.to_string(index=False)

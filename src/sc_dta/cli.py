@@ -1,0 +1,688 @@
+"""The ``sc-dta`` command line: the demo and the Bio-DTA pipeline on ``.h5ad`` files.
+
+Every subcommand is a thin wrapper around the Python API (``sc-dta embed-dna`` calls
+:func:`sc_dta.tl.embed_dna`, ...). User errors (missing or unreadable files, bad options, unknown genes) exit
+with status 2 and a one-line message; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+PROG = "sc-dta"
+#: Exceptions reported as a one-line user error (exit status 2) rather than a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class CLIError(Exception):
+    """A user error with a message for the command line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())  # one line
+
+
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} {str(p)!r} does not exist.")
+    if p.is_dir():
+        raise CLIError(f"{what} {str(p)!r} is a directory, expected a file.")
+    return p
+
+
+def _existing_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} {str(p)!r} does not exist.")
+    if not p.is_dir():
+        raise CLIError(f"{what} {str(p)!r} is not a directory.")
+    return p
+
+
+def read_h5ad(path: str | os.PathLike) -> AnnData:
+    """Read an ``.h5ad`` file or raise :class:`CLIError` naming it."""
+    import anndata as ad
+
+    p = _existing_file(path, "input file")
+    try:
+        return ad.read_h5ad(p)
+    except Exception as e:  # h5py raises OSError, anndata various errors for non-h5ad files
+        raise CLIError(f"cannot read {str(p)!r} as an .h5ad file ({type(e).__name__}: {_message(e)}).") from e
+
+
+def write_h5ad(adata: AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` atomically (temporary file, then rename) so a failure never leaves half a file."""
+    p = Path(path).expanduser()
+    if p.suffix != ".h5ad":
+        raise CLIError(f"output file {str(p)!r} must end in .h5ad.")
+    if not p.parent.exists():
+        raise CLIError(f"output directory {str(p.parent)!r} does not exist.")
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {p}", file=sys.stderr)
+    return p
+
+
+def _output(args: argparse.Namespace) -> Path:
+    return Path(args.output) if args.output is not None else Path(args.input)
+
+
+def _read_gene_list(path: str | os.PathLike) -> list[str]:
+    """Gene ids or symbols, one per line (or comma separated); ``#`` starts a comment."""
+    p = _existing_file(path, "target list")
+    genes: list[str] = []
+    for line in p.read_text().splitlines():
+        line = line.split("#", 1)[0]
+        genes.extend(g.strip() for g in line.replace(",", " ").replace("\t", " ").split(" ") if g.strip())
+    if not genes:
+        raise CLIError(f"target list {str(p)!r} holds no gene names.")
+    return genes
+
+
+def _parse_targets(specs: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """``NAME=FILE`` (or ``FILE``, named after its stem) → ``{name: genes}``."""
+    if not specs:
+        return None
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if not name:
+            raise CLIError(f"--targets {spec!r}: expected NAME=FILE.")
+        out[name] = _read_gene_list(path)
+    return out
+
+
+def _parse_cells(adata: AnnData, spec: str | None) -> Any:
+    """``--cells KEY=VALUE[,VALUE...]`` → boolean mask over obs (None = all cells)."""
+    if spec is None:
+        return None
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values:
+        raise CLIError(f"--cells {spec!r}: expected OBS_KEY=VALUE[,VALUE...], e.g. cell_type=cardiomyocyte.")
+    if key not in adata.obs.columns:
+        raise CLIError(f"--cells: {key!r} is not a column of obs; columns: {', '.join(map(str, adata.obs.columns))}.")
+    wanted = [v.strip() for v in values.split(",")]
+    column = adata.obs[key].astype(str)
+    mask = column.isin(wanted).to_numpy()
+    if not mask.any():
+        present = ", ".join(sorted(column.unique())[:20])
+        raise CLIError(f"--cells {spec!r} selects no cells; values of obs[{key!r}] include: {present}.")
+    return mask
+
+
+def _load_model(path: str, *, device: str | None = None) -> Any:
+    """Load a saved :class:`~sc_dta.models.BioDTA` directory, else a Geneformer checkpoint (name or path)."""
+    from .models import BioDTA, load_geneformer
+
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "biodta_config.json").exists():
+        return BioDTA.from_pretrained(p, device=device)
+    if p.is_dir() and not (p / "config.json").exists():
+        raise CLIError(f"--model {path!r} is neither a saved BioDTA (biodta_config.json) nor a checkpoint folder.")
+    return load_geneformer(path, device=device)
+
+
+def _set_device(args: argparse.Namespace) -> None:
+    from ._settings import settings
+
+    if getattr(args, "device", None) is not None:
+        settings.device = args.device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta._demo.run_demo`."""
+    from ._demo import run_demo
+
+    _set_device(args)
+    run_demo(
+        args.out,
+        seed=args.seed,
+        encoder=args.encoder,
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        epochs=args.epochs,
+        device=args.device,
+        verbose=True,
+    )
+    return 0
+
+
+def cmd_annotate_tss(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.pp.annotate_tss`."""
+    from .pp import annotate_tss
+
+    gtf = _existing_file(args.gtf, "GTF file")
+    adata = read_h5ad(args.input)
+    annotate_tss(adata, gtf, gene_id_key=args.gene_id_key)
+    n = int(adata.var["tss_pos"].notna().sum())
+    print(f"TSS found for {n} of {adata.n_vars} genes", file=sys.stderr)
+    write_h5ad(adata, _output(args))
+    return 0
+
+
+def cmd_embed_dna(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.tl.embed_dna`."""
+    from ._demo import make_encoder
+    from .genome import Genome
+    from .tl import embed_dna
+
+    fastas = [_existing_file(f, "FASTA file") for f in args.genome]
+    adata = read_h5ad(args.input)
+    _set_device(args)
+    encoder = make_encoder(args.encoder, window=args.window, k=args.k, seed=args.seed, revision=args.revision)
+    genome = Genome(fastas if len(fastas) > 1 else fastas[0])
+    embed_dna(
+        adata,
+        genome=genome,
+        encoder=encoder,
+        key_added=args.key_added,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache=not args.no_cache,
+    )
+    write_h5ad(adata, _output(args))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Build (or load) a BioDTA model and run :func:`sc_dta.tl.train_adapter`; save it to ``--model-out``."""
+    from ._demo import new_biodta
+    from .tl import train_adapter
+
+    adata = read_h5ad(args.input)
+    _set_device(args)
+    if args.dna_key not in adata.varm:
+        raise CLIError(f"{args.input}: adata.varm has no {args.dna_key!r}; run `sc-dta embed-dna` first.")
+    if args.model is not None:
+        model = _load_model(args.model, device=args.device)
+        freeze = True if args.freeze_backbone is None else args.freeze_backbone
+    else:
+        model = new_biodta(
+            adata,
+            dna_key=args.dna_key,
+            hidden_size=args.hidden_size,
+            n_layers=args.n_layers,
+            n_heads=args.n_heads,
+            seed=args.seed,
+        )
+        freeze = False if args.freeze_backbone is None else args.freeze_backbone
+    model = train_adapter(
+        adata,
+        model,
+        dna_key=args.dna_key,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        freeze_backbone=freeze,
+        seed=args.seed,
+        device=args.device,
+    )
+    out = Path(args.model_out).expanduser()
+    model.save_pretrained(out)
+    print(f"saved model to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_perturb_tss(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.tl.perturb_tss`."""
+    from ._demo import make_encoder
+    from .genome import Genome, read_vcf
+    from .tl import perturb_tss
+
+    fastas = [_existing_file(f, "FASTA file") for f in args.genome]
+    adata = read_h5ad(args.input)
+    _set_device(args)
+    # each --mutation is its own result; the variants of a VCF are applied together (one haplotype)
+    groups: list[Any] = list(args.mutation or [])
+    if args.vcf is not None:
+        variants = read_vcf(_existing_file(args.vcf, "VCF file"), sample=args.sample)
+        if not variants:
+            raise CLIError(
+                f"--vcf {args.vcf!r} holds no variants" + (f" for sample {args.sample!r}." if args.sample else ".")
+            )
+        groups.append(variants[0] if len(variants) == 1 else variants)
+    if not groups:
+        raise CLIError("give at least one --mutation SPEC or a --vcf FILE.")
+    model = _load_model(args.model, device=args.device)
+    encoder = make_encoder(args.encoder, window=args.window, k=args.k, seed=args.seed, revision=args.revision)
+    genome = Genome(fastas if len(fastas) > 1 else fastas[0])
+    perturb_tss(
+        adata,
+        args.gene,
+        groups[0] if len(groups) == 1 and not isinstance(groups[0], list) else groups,
+        model=model,
+        genome=genome,
+        encoder=encoder,
+        cells=_parse_cells(adata, args.cells),
+        key_added=args.key_added,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    write_h5ad(adata, _output(args))
+    return 0
+
+
+def cmd_perturb_gene(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.tl.perturb_gene`."""
+    from .tl import perturb_gene
+
+    adata = read_h5ad(args.input)
+    _set_device(args)
+    model = _load_model(args.model, device=args.device)
+    perturb_gene(
+        adata,
+        args.gene,
+        model=model,
+        kind=args.kind,
+        cells=_parse_cells(adata, args.cells),
+        key_added=args.key_added,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    write_h5ad(adata, _output(args))
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.tl.rank_targets` and print the top genes and the metrics."""
+    from .tl import rank_targets
+
+    adata = read_h5ad(args.input)
+    targets = _parse_targets(args.targets)
+    table = rank_targets(adata, key=args.key, targets=targets, top_k=args.top_k)
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.head(args.show).to_string())
+    metrics = adata.uns.get(args.key, {}).get("rank_metrics") if isinstance(adata.uns.get(args.key), dict) else None
+    if metrics:
+        print()
+        print(_metrics_table(metrics))
+    if args.csv is not None:
+        table.to_csv(args.csv)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.output is not None:
+        write_h5ad(adata, args.output)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.pl.target_shift` and save the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .pl import target_shift
+
+    adata = read_h5ad(args.input)
+    out = Path(args.output).expanduser()
+    if not out.parent.exists():
+        raise CLIError(f"output directory {str(out.parent)!r} does not exist.")
+    targets = _parse_targets(args.targets)
+    keys = args.key if len(args.key) > 1 else args.key[0]
+    fig = target_shift(adata, key=keys, targets=targets, n_top=args.n_top, show=False, return_fig=True)
+    fig.savefig(out, dpi=args.dpi, bbox_inches="tight")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.datasets.prefetch` (or list the registry)."""
+    from .datasets import prefetch, registry
+
+    if args.list or not args.names:
+        for name, entry in sorted(registry().items()):
+            kind = entry.get("kind", "model" if "repo_id" in entry else "file")
+            print(f"{name:45s} {kind:6s} {entry.get('description', entry.get('url', entry.get('repo_id', '')))}")
+        return 0
+    if args.cache_dir is not None:
+        from ._settings import settings
+
+        settings.cache_dir = args.cache_dir
+    paths = prefetch(args.names)
+    for name, path in paths.items() if isinstance(paths, dict) else zip(args.names, paths or [], strict=False):
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _metrics_table(metrics: Any) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(metrics) if not isinstance(metrics, pd.DataFrame) else metrics
+    return frame.to_string(float_format=lambda v: f"{v:.3g}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_io(p: argparse.ArgumentParser, *, output_required: bool = False) -> None:
+    p.add_argument("input", help="input .h5ad file")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=output_required,
+        default=None,
+        help="output .h5ad file (default: overwrite the input)" if not output_required else "output file",
+    )
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="compute device: auto, cpu, cuda, cuda:1, mps (default: settings)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: settings)")
+
+
+def _add_encoder(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DNA encoder (must match the one used by embed-dna)")
+    g.add_argument(
+        "--encoder",
+        default="kmer",
+        help="'kmer' (k-mer spectrum), 'enformer' (official weights, downloaded or cached), 'enformer-small' "
+        "(small random-weight Enformer, for demos/tests), or a local Enformer weights directory",
+    )
+    g.add_argument("--window", type=_positive_int, default=None, help="window length in bp (default: the encoder's)")
+    g.add_argument("--k", type=_positive_int, default=4, help="k-mer length for --encoder kmer")
+    g.add_argument("--revision", default=None, help="pinned revision of the Enformer weights")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random-weight enformer-small")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``sc-dta`` argument parser with all subcommands."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Dynamic token adaptation (Bio-DTA): DNA-aware single-cell foundation models, in-silico TSS "
+        "mutation and target ranking on AnnData (.h5ad) files.",
+        epilog="Run `sc-dta demo` for a 2-minute CPU demonstration on simulated data with a planted regulatory "
+        "network. `sc-dta COMMAND --help` describes each command.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-v info, -vv debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, description: str):
+        p = sub.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
+
+    # demo
+    p = add(
+        "demo",
+        cmd_demo,
+        "simulate data with a planted GRN and run the whole method on the CPU",
+        "Simulate cells from a gene regulatory network with a planted transcription factor (TF) and targets, "
+        "annotate TSSs, embed DNA, train a small Bio-DTA model from scratch, delete the TF's promoter motifs "
+        "in silico (perturb-tss), compare with deleting the TF token (perturb-gene), and score both rankings "
+        "against the planted targets. Writes a figure and the result .h5ad into --out.",
+    )
+    p.add_argument("--out", default="sc_dta_demo", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (simulation, model initialisation, training)")
+    p.add_argument("--encoder", choices=["kmer", "enformer-small"], default="kmer", help="DNA encoder")
+    p.add_argument("--n-cells", type=_positive_int, default=3000, help="number of simulated cells")
+    p.add_argument("--n-genes", type=_positive_int, default=300, help="number of simulated genes")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the demo's)")
+    p.add_argument("--device", default=None, help="compute device (default: settings, i.e. auto)")
+
+    # annotate-tss
+    p = add(
+        "annotate-tss",
+        cmd_annotate_tss,
+        "add each gene's TSS (from a GTF) to var",
+        "Write var['tss_chrom'], var['tss_pos'] (0-based) and var['tss_strand'] from the canonical transcript of "
+        "each gene in a GTF/GTF.gz annotation (sc_dta.pp.annotate_tss). Genes are matched by Ensembl id "
+        "(var_names or --gene-id-key), without version.",
+    )
+    _add_io(p)
+    p.add_argument("--gtf", required=True, help="GTF or GTF.gz annotation (e.g. GENCODE)")
+    p.add_argument("--gene-id-key", default=None, help="var column with Ensembl ids (default: var_names)")
+
+    # embed-dna
+    p = add(
+        "embed-dna",
+        cmd_embed_dna,
+        "embed the DNA window around each gene's TSS into varm",
+        "Cut the transcription-oriented window around each gene's TSS from the genome and embed it with a DNA "
+        "encoder (sc_dta.tl.embed_dna); result in varm[--key-added]. Needs `sc-dta annotate-tss` first.",
+    )
+    _add_io(p)
+    p.add_argument("--genome", required=True, nargs="+", help="genome FASTA file(s) (.fa, .fa.gz, per chromosome)")
+    _add_encoder(p)
+    p.add_argument("--key-added", default="dna_emb", help="varm/uns key")
+    p.add_argument("--no-cache", action="store_true", help="do not use the on-disk embedding cache")
+    _add_device(p)
+
+    # train
+    p = add(
+        "train",
+        cmd_train,
+        "train a Bio-DTA model (adapter and optionally the cell model) by masked-gene modelling",
+        "Train a BioDTA model on the cells (sc_dta.tl.train_adapter) and save it with save_pretrained. With "
+        "--model, start from a Geneformer checkpoint or a saved BioDTA directory; otherwise build a small BioDTA "
+        "from scratch with a vocabulary made from the data (GeneformerVocab.from_adata).",
+    )
+    p.add_argument("input", help="input .h5ad file with raw counts and varm[--dna-key]")
+    p.add_argument("--model-out", required=True, help="directory to save the trained model")
+    p.add_argument("--model", default=None, help="Geneformer checkpoint (name or path) or BioDTA directory")
+    p.add_argument("--dna-key", default="dna_emb", help="varm key of the DNA embeddings")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="training epochs")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
+    p.add_argument(
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="freeze the cell model and train only the adapter (default: frozen for a pretrained --model, "
+        "trained for a model built from scratch)",
+    )
+    p.add_argument("--hidden-size", type=_positive_int, default=64, help="hidden size of a model built from scratch")
+    p.add_argument("--n-layers", type=_positive_int, default=2, help="layers of a model built from scratch")
+    p.add_argument("--n-heads", type=_positive_int, default=4, help="attention heads of a model built from scratch")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_device(p)
+
+    # perturb-tss
+    p = add(
+        "perturb-tss",
+        cmd_perturb_tss,
+        "mutate a gene's TSS in silico and record every gene's embedding shift",
+        "Replace the gene's token embedding by the adapter output for its mutated DNA window and record "
+        "1 - cos(original, perturbed) of every other gene's contextual embedding (sc_dta.tl.perturb_tss) in "
+        "layers[--key-added]. Mutations: 'chr8:11676959:C>T', 'delete:-100:+50' (relative to the TSS), "
+        "'random:N' (or a VCF with --vcf).",
+    )
+    _add_io(p)
+    p.add_argument("--model", required=True, help="trained BioDTA directory (from `sc-dta train`)")
+    p.add_argument("--gene", required=True, help="gene to mutate (Ensembl id or symbol)")
+    p.add_argument(
+        "--mutation",
+        action="append",
+        help="mutation spec; repeat for several mutations, each then stored as its own result KEY_0, KEY_1, ...",
+    )
+    p.add_argument(
+        "--vcf",
+        default=None,
+        help="VCF whose variants are applied together as one haplotype (stored as KEY_0 when it has several)",
+    )
+    p.add_argument("--sample", default=None, help="VCF sample whose alternative alleles are applied")
+    p.add_argument("--genome", required=True, nargs="+", help="genome FASTA file(s)")
+    p.add_argument("--cells", default=None, help="only cells with OBS_KEY=VALUE[,VALUE], e.g. cell_type=cardiomyocyte")
+    p.add_argument("--key-added", default="dta_shift", help="layers/obs/var/uns key")
+    _add_encoder(p)
+    _add_device(p)
+
+    # perturb-gene
+    p = add(
+        "perturb-gene",
+        cmd_perturb_gene,
+        "Geneformer-style in-silico deletion/overexpression of a gene token (baseline)",
+        "Delete a gene's token from each cell (or move it to the front for --kind overexpress) and record "
+        "every other gene's embedding shift (sc_dta.tl.perturb_gene).",
+    )
+    _add_io(p)
+    p.add_argument("--model", required=True, help="BioDTA directory or Geneformer checkpoint (name or path)")
+    p.add_argument("--gene", required=True, help="gene to perturb (Ensembl id or symbol)")
+    p.add_argument("--kind", choices=["delete", "overexpress"], default="delete", help="perturbation")
+    p.add_argument("--cells", default=None, help="only cells with OBS_KEY=VALUE[,VALUE]")
+    p.add_argument("--key-added", default="dta_shift_delete", help="layers/obs/var/uns key")
+    _add_device(p)
+
+    # rank
+    p = add(
+        "rank",
+        cmd_rank,
+        "rank genes by embedding shift and score known targets",
+        "Rank genes by their mean embedding shift (sc_dta.tl.rank_targets) and, with --targets, score each target "
+        "list (hits in the top k, AUROC, Mann-Whitney p).",
+    )
+    p.add_argument("input", help="input .h5ad file with a perturbation result")
+    p.add_argument("--key", default="dta_shift", help="perturbation key (as --key-added of perturb-*)")
+    p.add_argument(
+        "--targets",
+        action="append",
+        help="NAME=FILE with gene ids/symbols one per line (repeat for several lists); FILE alone is named by its stem",
+    )
+    p.add_argument("--top-k", type=_positive_int, default=50, help="k for hits@k")
+    p.add_argument("--show", type=_nonneg_int, default=20, help="rows of the ranking to print")
+    p.add_argument("--csv", default=None, help="write the full ranking to this CSV file")
+    p.add_argument("-o", "--output", default=None, help="also write the .h5ad with the ranking stored in uns")
+
+    # plot
+    p = add(
+        "plot",
+        cmd_plot,
+        "plot the ranked target shifts to an image file",
+        "Draw sc_dta.pl.target_shift for one or several perturbation keys and save it (format from the suffix).",
+    )
+    p.add_argument("input", help="input .h5ad file with a perturbation result")
+    p.add_argument("-o", "--output", required=True, help="image file (.png, .pdf, .svg)")
+    p.add_argument("--key", action="append", default=None, help="perturbation key(s) (default: dta_shift)")
+    p.add_argument("--targets", action="append", help="NAME=FILE target lists to highlight")
+    p.add_argument("--n-top", type=_positive_int, default=30, help="genes to show")
+    p.add_argument("--dpi", type=_positive_int, default=150, help="resolution of raster images")
+
+    # prefetch
+    p = add(
+        "prefetch",
+        cmd_prefetch,
+        "download weights, genome and annotation ahead of time (for offline clusters)",
+        "Download registry entries (files via pooch, model repositories via huggingface_hub at pinned revisions) "
+        "into the cache, so later runs work with HF_HUB_OFFLINE=1. Without names, list the registry.",
+    )
+    p.add_argument("names", nargs="*", help="registry entries or groups")
+    p.add_argument("--list", action="store_true", help="list the registry entries")
+    p.add_argument("--cache-dir", default=None, help="cache directory (default: settings.cache_dir)")
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    from ._settings import settings
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    settings.verbosity = level
+    root = logging.getLogger("sc_dta")
+    if not any(getattr(h, "_sc_dta_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._sc_dta_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sc-dta`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.command == "plot" and args.key is None:
+        args.key = ["dta_shift"]
+    debug = args.debug or os.environ.get("SC_DTA_DEBUG", "").lower() in {"1", "true", "yes"}
+    _configure_logging(args.verbose)
+    if args.quiet:
+        from ._settings import settings
+
+        settings.progress = False
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, *USER_ERRORS) as e:
+        if debug:
+            raise
+        print(f"{PROG} {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
