@@ -268,3 +268,23 @@ def test_read_tss_errors(tmp_path):
     gff.write_text('chr1\tX\tgene\t1\t100\t.\t+\t.\tgene_id "G1";\n')
     with pytest.raises(ValueError, match="no 'transcript' rows"):
         read_tss(gff)
+
+
+def test_read_tss_disk_cache_and_missing_final_newline(tmp_path):
+    import pandas as pd
+
+    from sc_dta.genome import _gtf
+
+    _, gtf, expected = write_test_genome(tmp_path)
+    last = 'chr2\tX\ttranscript\t10\t20\t.\t-\t.\tgene_id "ENSG00000000777.1"; transcript_id "ENST7"; gene_name "LAST";'
+    gtf.write_text(gtf.read_text() + last)  # a transcript as the last line, without its newline
+    fresh = read_tss(gtf)
+    assert len(fresh) == len(expected["genes"]) + 1
+    assert fresh.loc["ENSG00000000777", "tss"] == 19
+    cached = list((Path(dta.settings.cache_dir) / "tss").glob("genes-*.tsv"))
+    assert len(cached) == 1
+    _gtf._CACHE.clear()
+    again = read_tss(gtf)  # from the disk cache
+    pd.testing.assert_frame_equal(again, fresh)
+    again.loc["ENSG00000000419", "tss"] = -1  # callers get copies
+    assert read_tss(gtf).loc["ENSG00000000419", "tss"] == 1500

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import logging
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,15 +16,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# a GTF line whose third column is "transcript" (scanned in C by `re`, block by block)
-_TRANSCRIPT_LINE = re.compile(rb"^[^\t\n]*\t[^\t\n]*\ttranscript\t[^\n]*\n?", re.MULTILINE)
+_KEY = b"\ttranscript\t"
 _BLOCK = 32 * 1024 * 1024
 _CACHE: dict[tuple, pd.DataFrame] = {}
 _COLUMNS = ["gene_name", "chrom", "tss", "strand", "transcript_id"]
 
 
 def _transcript_lines(path: Path) -> bytes:
-    """Return the transcript lines of a (gzipped) GTF, read in blocks so memory stays bounded."""
+    """Return the lines of a (gzipped) GTF that contain a ``transcript`` field, read in blocks.
+
+    The search runs on bytes with :meth:`bytes.find` (C speed, one step per transcript line, not per
+    line of the file); the feature column is checked again after parsing.
+    """
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"
     opener = gzip.open if gz else open
@@ -32,16 +35,47 @@ def _transcript_lines(path: Path) -> bytes:
     rest = b""
     with opener(path, "rb") as fh:
         while True:
-            block = fh.read(_BLOCK)
-            if not block:
+            data = fh.read(_BLOCK)
+            if data:
+                block = rest + data
+                cut = block.rfind(b"\n") + 1
+                block, rest = block[:cut], block[cut:]
+            else:  # end of file: the last line may lack its newline
+                block, rest = rest + b"\n", b""
+            find, rfind = block.find, block.rfind
+            i = find(_KEY)
+            while i >= 0:
+                start = rfind(b"\n", 0, i) + 1
+                end = find(b"\n", i) + 1
+                chunks.append(block[start:end])
+                i = find(_KEY, end)
+            if not data:
                 break
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            block, rest = block[:cut], block[cut:]
-            chunks.extend(_TRANSCRIPT_LINE.findall(block))
-    if rest:
-        chunks.extend(_TRANSCRIPT_LINE.findall(rest + b"\n"))
     return b"".join(chunks)
+
+
+def _disk_cache_path(path: Path, key: tuple) -> Path | None:
+    from sc_dta._settings import settings
+
+    digest = hashlib.sha1("|".join(map(str, key)).encode()).hexdigest()[:16]
+    name = path.name.removesuffix(".gz").removesuffix(".gtf")
+    return Path(settings.cache_dir) / "tss" / f"{name}-{digest}.v1.tsv"
+
+
+def _read_cached(disk: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    table = pd.read_csv(
+        disk,
+        sep="\t",
+        index_col="gene_id",
+        dtype={"gene_id": str, "gene_name": str, "chrom": str, "tss": "int64", "strand": str, "transcript_id": str},
+        keep_default_na=False,
+        quoting=csv.QUOTE_NONE,
+    )
+    if list(table.columns) != _COLUMNS:
+        raise ValueError(f"unexpected columns {list(table.columns)}")
+    return table
 
 
 def _attribute(attrs: pd.Series, key: str) -> pd.Series:
@@ -73,7 +107,8 @@ def read_tss(gtf: str | os.PathLike) -> pd.DataFrame:
     The transcript tagged ``Ensembl_canonical`` is used when a gene has one; otherwise the most
     5' transcript start (smallest start on ``+``, largest end on ``-``). GENCODE's ``_PAR_Y``
     copies of pseudoautosomal genes are dropped in favour of the chrX copy. Results are cached in
-    memory per file (path, size and modification time); a copy is returned.
+    memory and under ``settings.cache_dir / "tss"``, keyed by the file's path, size and modification
+    time; a copy is returned.
     """
     import pandas as pd
 
@@ -86,22 +121,33 @@ def read_tss(gtf: str | os.PathLike) -> pd.DataFrame:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _CACHE:
         return _CACHE[key].copy()
+    disk = _disk_cache_path(path, key)
+    if disk is not None and disk.exists():
+        try:
+            table = _read_cached(disk)
+        except (OSError, ValueError, KeyError) as e:  # a broken cache file is rebuilt
+            logger.debug("read_tss: ignoring unreadable cache %s (%s).", disk, e)
+        else:
+            _CACHE.clear()
+            _CACHE[key] = table
+            return table.copy()
 
     text = _transcript_lines(path)
     if not text:
-        raise ValueError(
-            f"read_tss: no 'transcript' rows in {str(path)!r}; is it a GTF file (GFF3 is not supported)?"
-        )
+        raise ValueError(f"read_tss: no 'transcript' rows in {str(path)!r}; is it a GTF file (GFF3 is not supported)?")
     df = pd.read_csv(
         io.BytesIO(text),
         sep="\t",
         header=None,
-        usecols=[0, 3, 4, 6, 8],
+        usecols=[0, 2, 3, 4, 6, 8],
         names=["chrom", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"],
-        dtype={"chrom": str, "start": "int64", "end": "int64", "strand": str, "attributes": str},
+        dtype={"chrom": str, "feature": str, "start": "int64", "end": "int64", "strand": str, "attributes": str},
         quoting=csv.QUOTE_NONE,
         engine="c",
     )
+    df = df[df["feature"].to_numpy() == "transcript"].reset_index(drop=True)
+    if df.empty:
+        raise ValueError(f"read_tss: no 'transcript' rows in {str(path)!r}; is it a GTF file?")
     attrs = df["attributes"]
     gene_id = _attribute(attrs, "gene_id")
     if gene_id.isna().any():
@@ -137,4 +183,12 @@ def read_tss(gtf: str | os.PathLike) -> pd.DataFrame:
     logger.info("read_tss: %d genes from %s.", len(table), path)
     _CACHE.clear()  # keep only the latest annotation in memory
     _CACHE[key] = table
+    if disk is not None:
+        try:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_name(f"{disk.name}.{os.getpid()}.tmp")
+            table.to_csv(tmp, sep="\t")
+            os.replace(tmp, disk)
+        except OSError as e:  # caching is an optimisation only
+            logger.debug("read_tss: could not write cache %s (%s).", disk, e)
     return table.copy()
