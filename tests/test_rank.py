@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from math import comb
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.stats import mannwhitneyu
+
+import sc_dta as dta
+
+
+def shift_adata(n_obs=40, n_vars=80, seed=0, key="dta_shift"):
+    """AnnData holding a perturbation result laid out as perturb_tss writes it."""
+    rng = np.random.default_rng(seed)
+    present = rng.random((n_obs, n_vars)) < 0.5
+    present[:, 5] = False  # the perturbed gene: never measured
+    present[:, 6] = False
+    present[0, 6] = True  # measured in one cell only
+    scale = rng.gamma(2.0, 0.01, n_vars)
+    vals = np.where(present, rng.random((n_obs, n_vars)) * scale, 0.0).astype(np.float32)
+    layer = sp.csr_matrix(vals)
+    a = ad.AnnData(X=sp.csr_matrix((n_obs, n_vars), dtype=np.float32))
+    a.var_names = [f"G{j}" for j in range(n_vars)]
+    a.var["gene_symbols"] = [f"sym{j}" for j in range(n_vars)]
+    a.obs_names = [f"c{i}" for i in range(n_obs)]
+    a.layers[key] = layer
+    n = present.sum(0)
+    with np.errstate(invalid="ignore"):
+        a.var[key + "_mean"] = np.where(n > 0, vals.sum(0) / np.maximum(n, 1), np.nan).astype(np.float32)
+    a.var[key + "_n"] = n
+    a.uns[key] = {"params": {"gene": "G5", "mutation": "delete:-100:+50"}}
+    return a, vals, present
+
+
+def test_ranking_table():
+    a, vals, present = shift_adata()
+    df = dta.tl.rank_targets(a, min_cells=2)
+    n = present.sum(0)
+    ok = np.flatnonzero(n >= 2)
+    assert "G5" not in df.index and "G6" not in df.index
+    assert set(df.index) == {f"G{j}" for j in ok}
+    assert (np.diff(df["mean_shift"].to_numpy()) <= 0).all()
+    assert df["rank"].tolist() == list(range(1, len(ok) + 1))
+    for g in ["G0", "G10", df.index[0]]:
+        j = int(g[1:])
+        col = vals[present[:, j], j]
+        assert df.loc[g, "n_cells"] == n[j]
+        assert df.loc[g, "mean_shift"] == pytest.approx(col.mean(), rel=1e-5)
+        assert df.loc[g, "std_shift"] == pytest.approx(np.std(col, ddof=1), rel=1e-4)
+    assert not df["is_target"].any()
+    # min_cells=1 includes G6
+    assert "G6" in dta.tl.rank_targets(a).index
+
+
+def test_metrics_against_independent_computation():
+    a, vals, present = shift_adata(seed=3)
+    df0 = dta.tl.rank_targets(a)
+    # targets: a few of the top genes, a few others, one unknown, the unmeasured G5 (not ranked)
+    targets = [df0.index[0], df0.index[3], df0.index[20], df0.index[-1], df0.index[-5], "NOPE", "G5"]
+    df = dta.tl.rank_targets(a, known_targets=targets, n_top=10)
+    m = df.attrs["metrics"]["targets"]
+    ranked = df.index.tolist()
+    is_t = np.array([g in targets for g in ranked])
+    N, K, top = len(ranked), int(is_t.sum()), 10
+    hits = int(is_t[:top].sum())
+    assert (m["n_genes"], m["n_targets_ranked"], m["hits"], m["n_top"]) == (N, K, hits, top)
+    assert m["n_targets"] == 7 and m["n_targets_not_found"] == 1
+    assert m["precision"] == pytest.approx(hits / top)
+    p_hyper = sum(comb(K, x) * comb(N - K, top - x) for x in range(hits, min(K, top) + 1)) / comb(N, top)
+    assert m["hypergeom_p"] == pytest.approx(p_hyper, rel=1e-9)
+    pos = df["mean_shift"].to_numpy()[is_t]
+    neg = df["mean_shift"].to_numpy()[~is_t]
+    pairs = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    assert m["auroc"] == pytest.approx(pairs / (len(pos) * len(neg)))
+    assert m["mannwhitney_p"] == pytest.approx(mannwhitneyu(pos, neg, alternative="greater").pvalue)
+    assert df["is_target"].sum() == K
+
+
+def test_named_target_sets_and_symbols(tmp_path):
+    a, _, _ = shift_adata(seed=1)
+    df0 = dta.tl.rank_targets(a)
+    direct = [df0.index[0], df0.index[1]]
+    indirect = ["sym" + df0.index[-1][1:], "SYM" + df0.index[2][1:]]  # symbols, any case
+    df = dta.tl.rank_targets(a, known_targets={"direct": direct, "indirect": indirect}, n_top=5)
+    assert set(df.attrs["metrics"]) == {"direct", "indirect"}
+    assert df["target_direct"].sum() == 2 and df["target_indirect"].sum() == 2
+    assert df.attrs["metrics"]["direct"]["hits"] == 2
+    assert df.attrs["metrics"]["indirect"]["hits"] == 1
+    assert df["is_target"].sum() == 4
+    # stored and h5ad round-trippable
+    a.write_h5ad(tmp_path / "r.h5ad")
+    b = ad.read_h5ad(tmp_path / "r.h5ad")
+    table = b.uns["dta_shift"]["ranking"]["table"]
+    assert isinstance(table, pd.DataFrame)
+    assert table["gene"].tolist() == df["gene"].tolist()
+    assert b.uns["dta_shift"]["ranking"]["metrics"]["direct"]["hits"] == 2
+    assert b.uns["dta_shift"]["params"]["gene"] == "G5"
+
+
+def test_mudata_and_errors():
+    import mudata as md
+
+    a, _, _ = shift_adata()
+    mdata = md.MuData({"rna": a})
+    df = dta.tl.rank_targets(mdata, known_targets=["G1"])
+    assert "ranking" in mdata["rna"].uns["dta_shift"]
+    assert len(df) > 0
+    with pytest.raises(KeyError, match="nope"):
+        dta.tl.rank_targets(a, "nope")
+    with pytest.raises(ValueError, match="n_top"):
+        dta.tl.rank_targets(a, n_top=0)
+    with pytest.raises(TypeError, match="known_targets"):
+        dta.tl.rank_targets(a, known_targets="G1")
+    with pytest.raises(ValueError, match="min_cells"):
+        dta.tl.rank_targets(a, min_cells=10_000)
