@@ -362,3 +362,21 @@ def test_read_vcf(tmp_path, tiny, gz):
         read_vcf(path, sample="donor3")
     with pytest.raises(FileNotFoundError, match="missing.vcf"):
         read_vcf(tmp_path / "missing.vcf")
+
+
+@pytest.mark.parametrize("strand", ["+", "-"])
+def test_relative_specs_refer_to_tss_when_window_is_shifted(test_genome, strand):
+    genome, expected = test_genome
+    gene = expected["genes"]["ENSG00000000005"]  # chr1, TSS 6800
+    chrom, tss = gene["chrom"], gene["tss"]
+    seq = expected["sequences"][chrom]
+    shift = 64  # e.g. an encoder's center_shift, in transcription orientation
+    center = tss + shift if strand == "+" else tss - shift
+    first, last = (tss - 10, tss + 5) if strand == "+" else (tss - 5, tss + 10)
+    variant = Variant(chrom, first, seq[first - 1 : last + 1], seq[first - 1])
+    got = genome.mutated_window(chrom, center, 400, strand, "delete:-10:+5", tss=tss)
+    assert got == reference_mutated_window(seq, center, 400, strand, [variant])
+    assert got != genome.mutated_window(chrom, center, 400, strand, "delete:-10:+5")  # relative to the centre
+    with pytest.raises(ValueError, match="outside the window"):
+        genome.mutated_window(chrom, center, 400, strand, "random:3:150", tss=tss)
+    assert len(genome.mutated_window(chrom, center, 400, strand, "random:3:130", tss=tss)) == 400

@@ -305,31 +305,35 @@ class Genome:
         mutations: str | Mutation | Iterable[str | Mutation],
         *,
         seed: int = 0,
+        tss: int | None = None,
     ) -> str:
-        """:meth:`window` after applying ``mutations``.
+        """Return :meth:`window` after applying ``mutations``.
 
         Parameters
         ----------
         chrom, center, length, strand
-            As in :meth:`window`; ``center`` is the TSS that relative mutation specs refer to.
+            As in :meth:`window`; ``center`` is normally the TSS.
         mutations
             One mutation or a list: :class:`~sc_dta.genome.Variant` objects or spec strings
             (``"chr8:11676959:C>T"``, ``"chr1:100:A>AT"``, ``"delete:-100:+50"``, ``"random:10"``;
             see :func:`~sc_dta.genome.parse_mutation`).
         seed
             Seed for :class:`~sc_dta.genome.RandomSubstitutions` without their own seed.
+        tss
+            0-based TSS that relative specs (``delete:...``, ``random:...``) refer to, when the window
+            is not centred on the TSS itself (e.g. a DNA encoder's ``center_shift``); default ``center``.
 
         Returns
         -------
-        The mutated, transcription-oriented window, exactly ``length`` bp, with the TSS base at
-        index ``length // 2``.
+        The mutated, transcription-oriented window, exactly ``length`` bp, with the (possibly
+        shifted) ``center`` base at index ``length // 2``.
 
         Notes
         -----
         Variants are applied on the genomic plus strand over a region extended by the total
         deleted length, so deletions pull in flanking sequence and the result keeps ``length`` bp.
-        The TSS coordinate moves with indels before it (in genomic coordinates). When a deletion
-        removes the TSS base, the window is centred on the first retained base after the deletion
+        The centre coordinate moves with indels before it (in genomic coordinates). When a deletion
+        removes the centre base, the window is centred on the first retained base after the deletion
         in transcription orientation; when a substitution or complex variant replaces it, on the
         corresponding base of the new allele. Every variant must lie inside the reference window
         and every reference allele must match the genome, else :class:`ValueError`; overlapping
@@ -339,16 +343,17 @@ class Genome:
 
         key, center, length = self._check_window_args(chrom, center, length, strand)
         seed = _as_int("seed", seed)
+        anchor = center if tss is None else _as_int("tss", tss)
+        start, end = self._span(center, length, strand)
         parsed = parse_mutations(mutations)
         variants = []
-        half = min(length // 2, length - 1 - length // 2)
         for m in parsed:
-            if isinstance(m, RandomSubstitutions) and m.radius > half:
+            if isinstance(m, RandomSubstitutions) and (anchor - m.radius < start or anchor + m.radius >= end):
                 raise ValueError(
-                    f"Mutation {str(m)!r} is outside the window: radius {m.radius} bp exceeds the {half} bp the "
-                    f"{length} bp window holds on each side of the TSS."
+                    f"Mutation {str(m)!r} is outside the window: {m.radius} bp around the TSS {key}:{anchor} "
+                    f"(0-based) do not fit in the {length} bp window {key}:{start}-{end} (0-based, half-open)."
                 )
-            variants.extend(m.to_variants(self, key, center, strand, seed=seed))
+            variants.extend(m.to_variants(self, key, anchor, strand, seed=seed))
         if not variants:
             return self.window(key, center, length, strand)
         seq, _ = _apply(self, key, center, length, strand, variants)
