@@ -420,9 +420,10 @@ def _trim(v: Variant) -> tuple[int, int, str]:
 def _apply(
     genome: Genome, chrom: str, center: int, length: int, strand: str, variants: list[Variant]
 ) -> tuple[str, int]:
-    """Apply ``variants`` to the window and return (oriented window, new genomic-ish TSS index).
+    """Apply ``variants`` around ``center``; return (plus-strand window, new centre coordinate).
 
-    The second value is the TSS coordinate in the mutated plus-strand sequence (for logging/tests).
+    The window is not yet reverse-complemented for the minus strand. The second value is the
+    coordinate of the centre base on the mutated chromosome.
     """
     up, down = length // 2, length - 1 - length // 2
     ws, we = (center - up, center + down + 1) if strand == "+" else (center - down, center + up + 1)
@@ -432,7 +433,7 @@ def _apply(
         if v.chrom not in genome or genome.resolve_chrom(v.chrom) != chrom:
             raise ValueError(
                 f"Mutation {str(v)!r} is outside the window: it is on {v.chrom!r} but the window is on "
-                f"{chrom}:{ws}-{we} (0-based, half-open)."
+                f"{chrom}:{ws + 1}-{we} (1-based, inclusive)."
             )
         ref_start, ref_end = v.pos - 1, v.pos - 1 + len(v.ref)
         if ref_end > chrom_len:
@@ -484,7 +485,8 @@ def _apply(
     parts.append(seq[last:])
     mutated = "".join(parts)
     t = new_center - es
-    window = mutated[t - up : t + down + 1] if strand == "+" else mutated[t - down : t + up + 1]
-    if len(window) != length or t - max(up, down) < 0:  # pragma: no cover - guaranteed by the padding
+    lo = t - (up if strand == "+" else down)
+    window = mutated[lo : lo + length]
+    if lo < 0 or len(window) != length:  # pragma: no cover - guaranteed by the padding
         raise RuntimeError(f"internal error: mutated window has {len(window)} bp instead of {length}.")
     return window, new_center
