@@ -69,9 +69,15 @@ def _tokenize(adata: AnnData, model: nn.Module, tokens: Any) -> Any:
     from sc_dta.pp import tokenize
 
     vocab = _vocab_of(model, None)
-    # tokenize a lightweight copy so that a failure later leaves `adata` untouched (obs['n_counts'] etc.)
-    view = adata[:, :]
-    return tokenize(view, vocab=vocab, max_length=getattr(vocab, "max_length", None))
+    n_pos = _max_positions(model)
+    max_length = min(int(vocab.max_length), n_pos) if n_pos else None
+    return tokenize(adata, vocab=vocab, max_length=max_length)  # never modifies adata
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    backbone = getattr(model, "backbone", model)
+    cfg = getattr(backbone, "config", None)
+    return int(cfg.max_position_embeddings) if cfg is not None and hasattr(cfg, "max_position_embeddings") else None
 
 
 def _token_rows(adata: AnnData, tokens: Any) -> np.ndarray:
@@ -119,17 +125,45 @@ def _resolve_gene(adata: AnnData, gene: str, tokens: Any, vocab: Any) -> tuple[i
             )
         ens = str(id_to_token[tid]) if id_to_token is not None else gene
         return tid, pos, ens
-    mapping = getattr(vocab, "mapping", {}) or {}
+    pos = _var_by_symbol(adata, gene)
+    if pos is not None:
+        return _resolve_gene(adata, str(adata.var_names[pos]), tokens, vocab)
     token_ids = getattr(vocab, "token_ids", {}) or {}
-    key = gene.upper()
-    ens = mapping.get(key, key if key in token_ids else None)
+    try:
+        ens = vocab.gene_id(gene) if hasattr(vocab, "gene_id") else None
+    except KeyError:
+        ens = None
+    if ens is None:
+        mapping = getattr(vocab, "mapping", {}) or {}
+        key = gene.upper()
+        ens = mapping.get(key, key if key in token_ids else None)
     if ens is None or ens not in token_ids:
-        raise KeyError(f"gene: {gene!r} is neither in adata.var_names nor a gene known to the model's vocabulary.")
+        raise KeyError(
+            f"gene: {gene!r} is neither in adata.var_names nor a gene of the model's "
+            f"{getattr(vocab, 'version', '')} vocabulary."
+        )
     tid = int(token_ids[ens])
     hits = np.flatnonzero(var_tokens == tid)
     if hits.size == 0:
         raise KeyError(f"gene: {gene!r} ({ens}) is in the vocabulary but no gene of adata maps to it.")
     return tid, int(hits[0]), ens
+
+
+def _var_by_symbol(adata: AnnData, gene: str) -> int | None:
+    """Position of the single var whose symbol/id column (``gene_symbols``, ``gene_name``, ...) is ``gene``."""
+    from sc_dta.tl._rank import NAME_COLUMNS
+
+    for col in NAME_COLUMNS:
+        if col in adata.var.columns:
+            hits = np.flatnonzero(adata.var[col].astype(str).str.upper().to_numpy() == gene.upper())
+            if hits.size == 1:
+                return int(hits[0])
+            if hits.size > 1:
+                names = adata.var_names[hits[:3]].tolist()
+                raise ValueError(
+                    f"gene: {gene!r} matches several vars in adata.var[{col!r}] ({names}); pass a var name."
+                )
+    return None
 
 
 def _special_ids(vocab: Any) -> dict[str, Any]:

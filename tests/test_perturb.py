@@ -1,0 +1,391 @@
+"""perturb_gene / perturb_tss on AnnData: storage contract, keys, MuData, errors, BioDTA and TSS mutations."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import sc_dta as dta  # noqa: E402
+from sc_dta.tl._perturb_engine import _batch_len  # noqa: E402
+
+N_OBS, N_GENES = 24, 50
+
+
+def scale_weights(model, std=0.3, seed=0):
+    """Random weights large enough for shifts well above float32 noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def counts_adata(seed=0):
+    rng = np.random.default_rng(seed)
+    lib = rng.choice([0.05, 0.3, 1.0, 3.0], size=N_OBS)  # very different numbers of expressed genes
+    x = rng.poisson(lib[:, None] * rng.gamma(1.0, 1.0, N_GENES)[None, :]).astype(np.float32)
+    x[:, -1] = 0  # never expressed: not in a vocabulary built from this data
+    x[3] = 0  # an empty cell
+    x[0, 4] = x[1, 4] = x[5, 4] = 0
+    x[2, 4] = x[6, 4] = 50  # gene 4 top-ranked where present
+    x[7:, 4] = np.maximum(x[7:, 4], 1)
+    a = ad.AnnData(X=sp.csr_matrix(x))
+    a.var_names = [f"ENSG{j:011d}" for j in range(N_GENES)]
+    a.var["gene_symbols"] = [f"SYM{j}" for j in range(N_GENES)]
+    a.obs_names = [f"cell{i}" for i in range(N_OBS)]
+    return a
+
+
+@pytest.fixture(scope="module", params=["V2", "V1"])
+def setup(request):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from sc_dta.models.cell import attach_vocab
+    from sc_dta.models.vocab import GeneformerVocab
+
+    a = counts_adata()
+    vocab = GeneformerVocab.from_adata(a, special_tokens=request.param == "V2", max_length=40)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_act="relu",
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = BertForMaskedLM._from_config(cfg, attn_implementation="sdpa").eval()
+    scale_weights(model)
+    attach_vocab(model, vocab)
+    tokens = dta.pp.tokenize(a, vocab=vocab)
+    return a, vocab, model, tokens
+
+
+def snapshot(a):
+    return (
+        list(a.obs.columns),
+        list(a.var.columns),
+        list(a.layers.keys()),
+        list(a.uns.keys()),
+        a.X.copy(),
+    )
+
+
+def assert_unchanged(a, snap):
+    now = snapshot(a)
+    assert now[:4] == snap[:4]
+    assert (now[4] != snap[4]).nnz == 0
+
+
+GENE = "ENSG00000000004"
+
+
+def test_batches_bound_padding():
+    lengths = np.array([100, 95, 91, 89, 50, 49, 10])
+    assert _batch_len(lengths, 16) == 3
+    assert _batch_len(lengths[3:], 16) == 1
+    assert _batch_len(lengths[4:], 16) == 2
+    assert _batch_len(lengths, 2) == 2
+    assert _batch_len(lengths[-1:], 4) == 1
+
+
+def test_storage_contract(setup, tmp_path):
+    a, vocab, model, tokens = setup
+    a = a.copy()
+    dta.tl.perturb_gene(a, GENE, model=model)  # tokenizes itself
+    key = "dta_shift_delete"
+    layer = a.layers[key]
+    assert sp.issparse(layer) and layer.format == "csr" and layer.dtype == np.float32
+    assert layer.shape == (a.n_obs, a.n_vars)
+    tid = vocab.token_ids[GENE]
+    gene_col = a.var_names.get_loc(GENE)
+    has = np.array([tid in ids for ids in tokens.input_ids])
+    assert has.sum() >= 10 and (~has).sum() >= 3
+    np.testing.assert_array_equal(a.obs[key + "_evaluated"].to_numpy(), has)
+    # stored exactly where the gene is among the cell's tokens, never for the perturbed gene
+    expected = np.zeros(layer.shape, dtype=bool)
+    for i, ids in enumerate(tokens.input_ids):
+        if has[i]:
+            for t in ids:
+                if t not in vocab.special_ids and t != tid:
+                    expected[i, a.var_names.get_loc(vocab.id_to_token[t])] = True
+    stored = np.zeros(layer.shape, dtype=bool)
+    coo = layer.tocoo()
+    stored[coo.row, coo.col] = True
+    np.testing.assert_array_equal(stored, expected)
+    assert not stored[:, gene_col].any()
+    vals = layer.toarray()
+    assert (vals[expected] > 1e-4).mean() > 0.9 and (vals[expected] <= 2).all()
+    # per-cell and per-gene summaries agree with the layer
+    cell = a.obs[key + "_cell"].to_numpy()
+    for i in np.flatnonzero(has):
+        if expected[i].any():
+            assert cell[i] == pytest.approx(vals[i, expected[i]].mean(), rel=1e-5)
+    assert np.isnan(cell[~has]).all() and np.isnan(a.obs[key + "_cell_emb"].to_numpy()[~has]).all()
+    assert (a.obs[key + "_cell_emb"].to_numpy()[has] >= 0).all()
+    n = expected.sum(0)
+    np.testing.assert_array_equal(a.var[key + "_n"].to_numpy(), n)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(n > 0, vals.sum(0) / np.maximum(n, 1), np.nan)
+    np.testing.assert_allclose(a.var[key + "_mean"].to_numpy(), mean, rtol=1e-5)
+    params = a.uns[key]["params"]
+    assert params["gene"] == GENE and params["token_id"] == tid and params["kind"] == "delete"
+    assert params["emb_layer"] == -1 and params["n_evaluated"] == has.sum()
+    assert params["cell_emb"] == ("cls" if vocab.cls_id is not None else "mean")
+    # h5ad round trip
+    a.write_h5ad(tmp_path / "p.h5ad")
+    b = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert (b.layers[key] != layer).nnz == 0 and b.layers[key].dtype == np.float32
+    pd.testing.assert_frame_equal(b.obs, a.obs)
+    pd.testing.assert_frame_equal(b.var, a.var)
+    assert b.uns[key]["params"]["model"]["n_layers"] == 3
+    # rank_targets on the result round-trips too
+    dta.tl.rank_targets(b, key, known_targets=["SYM1", "SYM2"], n_top=5)
+    b.write_h5ad(tmp_path / "q.h5ad")
+    assert "ranking" in ad.read_h5ad(tmp_path / "q.h5ad").uns[key]
+
+
+def test_kinds_share_forward_and_keys(setup):
+    a, vocab, model, tokens = setup
+    both = a.copy()
+    dta.tl.perturb_gene(both, "sym4", model=model, kind=["delete", "overexpress"], key_added="x", tokens=tokens)
+    for kind in ("delete", "overexpress"):
+        single = dta.tl.perturb_gene(a, GENE, model=model, kind=kind, tokens=tokens, copy=True)
+        np.testing.assert_allclose(
+            both.layers[f"x_{kind}"].toarray(), single.layers[f"dta_shift_{kind}"].toarray(), atol=1e-6
+        )
+        assert both.uns[f"x_{kind}"]["params"]["kind"] == kind
+    assert "dta_shift_delete" not in a.layers  # copy=True left `a` alone
+    # overexpressing a gene already ranked first changes nothing in the cells where it is first
+    first = np.array(
+        [len(ids) > 0 and vocab.token_ids[GENE] == ids[1 if vocab.cls_id else 0] for ids in tokens.input_ids]
+    )
+    assert first.any()
+    np.testing.assert_allclose(both.obs["x_overexpress_cell"].to_numpy()[first], 0.0, atol=1e-6)
+
+
+def test_cells_subset_mudata_and_batches(setup):
+    import mudata as md
+
+    a, vocab, model, tokens = setup
+    m = md.MuData({"rna": a.copy()})
+    subset = ["cell2", "cell6", "cell9", "cell1"]
+    dta.tl.perturb_gene(m, GENE, model=model, cells=subset, key_added="sub", batch_size=2)
+    rna = m["rna"]
+    ev = rna.obs["sub_evaluated"]
+    assert set(ev.index[ev]) == {"cell2", "cell6", "cell9"}  # cell1 lacks the gene
+    full = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True, batch_size=16)
+    rows = [a.obs_names.get_loc(c) for c in ("cell2", "cell6", "cell9")]
+    np.testing.assert_allclose(
+        rna.layers["sub"][rows].toarray(), full.layers["dta_shift_delete"][rows].toarray(), atol=2e-6
+    )
+    # boolean mask works as well
+    mask = np.zeros(a.n_obs, dtype=bool)
+    mask[[2, 6]] = True
+    out = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, cells=mask, copy=True)
+    assert out.obs["dta_shift_delete_evaluated"].sum() == 2
+
+
+def test_errors_leave_adata_unchanged(setup):
+    a, vocab, model, tokens = setup
+    a = a.copy()
+    snap = snapshot(a)
+    cases = [
+        (KeyError, "NOT_A_GENE", {}),
+        (ValueError, a.var_names[-1], {}),  # never expressed: not in the vocabulary
+        (ValueError, GENE, {"cells": ["cell0", "cell1", "cell5"]}),  # gene in none of the cells
+        (ValueError, GENE, {"kind": "knockout"}),
+        (ValueError, GENE, {"kind": ["delete", "delete"]}),
+        (ValueError, GENE, {"emb_layer": 1}),
+        (KeyError, GENE, {"cells": ["cell0", "nope"]}),
+        (ValueError, GENE, {"cells": np.ones(3, dtype=bool)}),
+        (ValueError, GENE, {"tokens": dta.pp.tokenize(a[:, :10], vocab=vocab)}),
+    ]
+    for exc, gene, kw in cases:
+        with pytest.raises(exc) as info:
+            dta.tl.perturb_gene(a, gene, model=model, **kw)
+        assert_unchanged(a, snap)
+        msg = str(info.value)
+        assert any(s in msg for s in ("gene", "kind", "emb_layer", "cells", "tokens")), msg
+    with pytest.raises(TypeError, match="BioDTA"):
+        dta.tl.perturb_tss(a, GENE, "chr1:10:A>C", model=model, genome=None, encoder=None)
+    assert_unchanged(a, snap)
+
+
+def test_key_collision_warns_and_overwrites(setup):
+    a, vocab, model, tokens = setup
+    a = a.copy()
+    a.obs["k_cell"] = 1.0
+    with pytest.warns(UserWarning, match="overwriting"):
+        dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="k")
+    first = a.layers["k"].copy()
+    with pytest.warns(UserWarning, match="overwriting"):
+        dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="k")
+    assert abs(a.layers["k"] - first).max() < 1e-6
+    assert a.obs["k_cell"].isna().sum() == (~a.obs["k_evaluated"]).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="fresh")
+
+
+# ----------------------------------------------------------------------------- BioDTA + TSS mutations
+
+
+@pytest.fixture(scope="module")
+def tss_setup(tmp_path_factory):
+    from _genome_data import make_test_adata, write_test_genome
+
+    from sc_dta.genome import Genome
+    from sc_dta.models import BioDTA, KmerEncoder
+    from sc_dta.models.vocab import GeneformerVocab
+
+    d = tmp_path_factory.mktemp("genome")
+    fasta, gtf, expected = write_test_genome(d)
+    a = make_test_adata(expected, n_obs=16, seed=3)
+    x = a.X.toarray()
+    x[:4, 0] = 0  # DPM1 (var 0) absent from 4 cells
+    x[4:, 0] = 30
+    a.X = sp.csr_matrix(x)
+    a.obs["n_counts"] = x.sum(1)
+    dta.pp.annotate_tss(a, gtf)
+    vocab = GeneformerVocab.from_adata(a, special_tokens=True, max_length=16)
+    encoder = KmerEncoder(k=3, window=200)
+    genome = Genome(fasta)
+    model = BioDTA.from_config(
+        vocab,
+        d_dna=encoder.dim,
+        hidden_size=32,
+        n_layers=3,
+        n_heads=4,
+        intermediate_size=64,
+        seed=0,
+        dna_encoder_info={"name": encoder.name, "window": encoder.window},
+    ).eval()
+    scale_weights(model.backbone, std=0.3)
+    tids = vocab.lookup(a.var_names)
+    with_tss = (tids >= 0) & a.var["tss_chrom"].notna().to_numpy()
+    seqs = [
+        genome.window(str(c), int(p), encoder.window, str(s))
+        for c, p, s in a.var.loc[with_tss, ["tss_chrom", "tss_pos", "tss_strand"]].itertuples(index=False)
+    ]
+    model.set_dna_embeddings(tids[with_tss], encoder.embed(seqs))
+    return a, vocab, model, encoder, genome, expected
+
+
+def reference_tss(model, tokens, gene_tid, dna, n_layers):
+    """Float64, one cell at a time, the model's own forward with hidden states."""
+    m = copy.deepcopy(model).double()
+    override = {gene_tid: torch.as_tensor(dna, dtype=torch.float64)}
+    out = []
+    with torch.no_grad():
+        for ids in tokens.input_ids:
+            if gene_tid not in ids:
+                out.append(None)
+                continue
+            x = torch.from_numpy(ids)[None]
+            h0 = m(x, output_hidden_states=True).hidden_states[n_layers - 1][0]
+            h1 = m(x, dna_overrides=override, output_hidden_states=True).hidden_states[n_layers - 1][0]
+            cos = torch.nn.functional.cosine_similarity(h0, h1, dim=-1)
+            keep = ~np.isin(ids, model.vocab.special_ids) & (ids != gene_tid)
+            out.append(dict(zip(ids[keep].tolist(), (1 - cos[torch.from_numpy(keep)]).tolist(), strict=True)))
+    return out
+
+
+def test_perturb_tss_matches_reference(tss_setup, tmp_path):
+    from sc_dta.genome import Variant
+
+    a, vocab, model, encoder, genome, expected = tss_setup
+    a = a.copy()
+    gene = "ENSG00000000419"  # DPM1, chr1 + strand, TSS 1500 (0-based)
+    seq = expected["sequences"]["chr1"]
+    ref_base = seq[1505]
+    alt = "A" if ref_base != "A" else "C"
+    snv = f"chr1:1506:{ref_base}>{alt}"
+    region = "delete:-20:+20"
+    dta.tl.perturb_tss(
+        a,
+        "DPM1",
+        [snv, Variant("chr1", 1511, seq[1510], "G" if seq[1510] != "G" else "T"), region],
+        model=model,
+        genome=genome,
+        encoder=encoder,
+        batch_size=3,
+    )
+    assert {"dta_shift_0", "dta_shift_1", "dta_shift_2"} <= set(a.layers)
+    p0 = a.uns["dta_shift_0"]["params"]
+    assert p0["mutation"] == snv and p0["kind"] == "tss_mutation" and p0["gene_id"] == gene
+    assert a.uns["dta_shift_2"]["params"]["mutation"] == region
+    # independent mutated window and float64 reference for the SNV
+    window = list(genome.window("chr1", 1500, encoder.window, "+"))
+    assert window[encoder.window // 2] == seq[1500]
+    window[encoder.window // 2 + 5] = alt
+    dna = encoder.embed(["".join(window)])[0]
+    tokens = dta.pp.tokenize(a, vocab=vocab)
+    ref = reference_tss(model, tokens, vocab.token_ids[gene], dna, 3)
+    layer = a.layers["dta_shift_0"].toarray()
+    n_checked = 0
+    for i, r in enumerate(ref):
+        assert bool(a.obs["dta_shift_0_evaluated"].iloc[i]) == (r is not None)
+        if r is None:
+            assert not layer[i].any()
+            continue
+        for t, s in r.items():
+            j = a.var_names.get_loc(vocab.id_to_token[t])
+            assert abs(layer[i, j] - s) < 1e-5
+            n_checked += 1
+        assert a.obs["dta_shift_0_cell"].iloc[i] == pytest.approx(np.mean(list(r.values())), abs=1e-5)
+    assert n_checked > 20 and np.median(layer[layer > 0]) > 1e-4
+    # a single mutation writes key_added itself; MuData works
+    import mudata as md
+
+    m = md.MuData({"rna": a.copy()})
+    dta.tl.perturb_tss(m, gene, snv, model=model, genome=genome, encoder=encoder, key_added="one")
+    np.testing.assert_allclose(m["rna"].layers["one"].toarray(), layer, atol=1e-6)
+    m["rna"].write_h5ad(tmp_path / "t.h5ad")
+    assert ad.read_h5ad(tmp_path / "t.h5ad").uns["one"]["params"]["mutation"] == snv
+
+
+def test_perturb_gene_on_biodta(tss_setup):
+    a, vocab, model, encoder, genome, expected = tss_setup
+    out = dta.tl.perturb_gene(a, "ENSG00000000419", model=model, copy=True)
+    assert out.obs["dta_shift_delete_evaluated"].sum() == 12
+    assert out.uns["dta_shift_delete"]["params"]["model"]["class"] == "BioDTA"
+
+
+def test_perturb_tss_errors(tss_setup):
+    a, vocab, model, encoder, genome, expected = tss_setup
+    a = a.copy()
+    snap = snapshot(a)
+    seq = expected["sequences"]["chr1"]
+    wrong = "A" if seq[1505] != "A" else "C"
+    kw = {"model": model, "genome": genome, "encoder": encoder}
+    cases = [
+        (KeyError, "NOPE", "chr1:1506:A>C", "gene"),
+        (ValueError, "DPM1", f"chr1:1506:{wrong}>G", "1506"),  # reference allele mismatch
+        (ValueError, "DPM1", "chr1:5000:A>C" if seq[4999] == "A" else f"chr1:5000:{seq[4999]}>A", "window"),
+        (ValueError, "DPM1", "not a mutation", "mutation"),
+    ]
+    for exc, gene, mut, match in cases:
+        with pytest.raises(exc, match=match):
+            dta.tl.perturb_tss(a, gene, mut, **kw)
+        assert_unchanged(a, snap)
+    # a gene without TSS annotation (extra gene not in the GTF)
+    no_tss = a.var_names[a.var["tss_chrom"].isna().to_numpy()]
+    assert len(no_tss)
+    with pytest.raises((ValueError, KeyError), match="TSS|vocabulary"):
+        dta.tl.perturb_tss(a, no_tss[0], "chr1:1506:A>C", **kw)
+    assert_unchanged(a, snap)
