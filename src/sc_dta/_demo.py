@@ -91,7 +91,7 @@ def new_biodta(
     seed: int = 0,
     **kwargs: Any,
 ) -> Any:
-    """A small :class:`~sc_dta.models.BioDTA` to train from scratch, with a vocabulary made from ``adata``.
+    """Build a small :class:`~sc_dta.models.BioDTA` to train from scratch, with a vocabulary made from ``adata``.
 
     The vocabulary (:meth:`~sc_dta.models.GeneformerVocab.from_adata`) has one token per expressed gene;
     cells are truncated to their ``max_length`` top-ranked tokens (default: room for every gene,
@@ -323,8 +323,6 @@ def _evaluate(adata: AnnData, targets: dict[str, list[str]], *, top_k: int, meth
     """Metrics of each method (perturbation key) for each target list, plus the chance level."""
     import pandas as pd
 
-    from . import tl
-
     rows = []
     for method, key in methods.items():
         m = _metrics_of(adata, key, targets, top_k)
@@ -384,7 +382,7 @@ def _metrics_of(adata: AnnData, key: str, targets: dict[str, list[str]], top_k: 
 
 
 def format_metrics(metrics: Any, *, top_k: int = 20) -> str:
-    """The demo's results table as text."""
+    """Format the demo results table as text."""
     frame = metrics.copy()
     frame[f"hits@{top_k}"] = frame[f"hits@{top_k}"].map(lambda v: f"{v:.1f}")
     frame["auroc"] = frame["auroc"].map(lambda v: f"{v:.3f}")

@@ -131,11 +131,12 @@ def simulated_grn(
     **Regulatory network.** Gene roles are assigned at random to the genes: one transcription factor
     (``SIMTF1``), ``n_direct`` direct targets, ``n_indirect`` indirect targets, ``n_housekeeping``
     housekeeping genes, ``n_markers`` marker genes per cell type, and the rest unrelated. The latent TF
-    activity :math:`a_c \in [0, 1]` of cell :math:`c` is :math:`\mathrm{Uniform}(0.25, 1)` in
-    ``cardiomyocyte`` cells, :math:`\mathrm{Uniform}(0, 0.6)` in half of the cells of the second cell type
-    (0 in the other half) and 0 in all other types. Expected expression (before library size) is
+    activity :math:`a_c \in [0, 1]` of cell :math:`c` is :math:`\mathrm{Uniform}(0.2, 1)` in 70 % of the
+    ``cardiomyocyte`` cells and 0 in the others, :math:`\mathrm{Uniform}(0.1, 0.6)` in 30 % of the cells of the
+    second cell type (0 in the others) and 0 in all other types, so that the network varies within cell types
+    and is not confounded with them. Expected expression (before library size) is
 
-    - TF: :math:`\mu = 2 + 38\,a_c`;
+    - TF: :math:`\mu = 0.2 + 40\,a_c`;
     - direct target :math:`g` (base :math:`b_g`, gain :math:`w_g \in [4, 10]`):
       :math:`\mu = b_g (0.05 + w_g a_c^{h_g}) \epsilon_{cg}`, with Hill-like exponents :math:`h_g \in [1, 2]`
       and cell-gene log-normal noise :math:`\epsilon_{cg}` (σ = 0.25);
@@ -509,19 +510,18 @@ def _simulate_counts(
     cell_type = np.repeat(np.arange(n_types), int(np.ceil(n_cells / n_types)))[:n_cells]
     cell_type = rng.permutation(cell_type)
 
-    # latent TF activity
+    # latent TF activity: on in most cardiomyocytes and some cells of the second type, varying within types
     a = np.zeros(n_cells)
-    cm = cell_type == 0
-    a[cm] = rng.uniform(0.25, 1.0, cm.sum())
-    second = np.flatnonzero(cell_type == 1)
-    on = second[rng.random(len(second)) < 0.5]
-    a[on] = rng.uniform(0.0, 0.6, len(on))
+    for t, (p_on, low, high) in ((0, (0.7, 0.2, 1.0)), (1, (0.3, 0.1, 0.6))):
+        members = np.flatnonzero(cell_type == t)
+        on = members[rng.random(len(members)) < p_on]
+        a[on] = rng.uniform(low, high, len(on))
     # an unrelated, cell-type-independent programme
     z = rng.uniform(0.0, 1.0, n_cells)
 
     mu = np.zeros((n_cells, n_genes))
     idx = {r: np.flatnonzero(role == r) for r in ("tf", "direct", "indirect", "housekeeping", "marker", "unrelated")}
-    mu[:, idx["tf"]] = (2.0 + 38.0 * a)[:, None]
+    mu[:, idx["tf"]] = (0.2 + 40.0 * a)[:, None]
 
     d = idx["direct"]
     reg_input = np.zeros((n_cells, len(d)))
