@@ -203,7 +203,7 @@ def run_demo(
     import pandas as pd
 
     from . import datasets, pl, pp, tl
-    from ._settings import settings
+    from ._utils import resolve_device
     from .genome import Genome
 
     if encoder not in ("kmer", "enformer-small"):
@@ -281,7 +281,16 @@ def run_demo(
 
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg"):
         matplotlib.use("Agg")
-    fig = pl.target_shift(adata, key=["dta_shift", "dta_shift_delete"], targets=targets, show=False, return_fig=True)
+    fig = pl.target_shift(
+        adata,
+        "dta_shift",
+        compare="dta_shift_delete",
+        highlight=targets,
+        gene_symbols="gene_symbol",
+        n_top=30,
+        show=False,
+        return_fig=True,
+    )
     png = out / "target_shift.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -306,7 +315,7 @@ def run_demo(
             print(
                 f"TF {sim.tf_symbol} ({sim.tf}); {len(targets['direct'])} direct and {len(targets['indirect'])} "
                 f"indirect targets among {int(metrics['n_ranked'].iloc[0])} ranked genes; device "
-                f"{settings.device if device is None else device}; total {total:.0f} s"
+                f"{resolve_device(device)}; total {total:.0f} s"
             )
             print(f"results: {h5ad}, {png}, {csv}, {out / 'model'}")
     return {
@@ -320,65 +329,41 @@ def run_demo(
 
 
 def _evaluate(adata: AnnData, targets: dict[str, list[str]], *, top_k: int, methods: dict[str, str]) -> Any:
-    """Metrics of each method (perturbation key) for each target list, plus the chance level."""
+    """Metrics of each method (perturbation key) for each target list, from :func:`~sc_dta.tl.rank_targets`."""
     import pandas as pd
 
+    from . import tl
+
     rows = []
+    chance = {}
     for method, key in methods.items():
-        m = _metrics_of(adata, key, targets, top_k)
-        for name in targets:
-            r = m.loc[name]
+        ranking = tl.rank_targets(adata, key, known_targets=targets, n_top=top_k)
+        for name, m in ranking.attrs["metrics"].items():
             rows.append(
                 {
                     "method": method,
                     "targets": name,
-                    "n_targets": int(r["n_targets"]),
-                    "n_ranked": int(r["n_ranked"]),
-                    f"hits@{top_k}": float(r["hits"]),
-                    "auroc": float(r["auroc"]),
-                    "mannwhitney_p": float(r["pvalue"]),
+                    "n_targets": int(m["n_targets_ranked"]),
+                    "n_ranked": int(m["n_genes"]),
+                    f"hits@{top_k}": float(m["hits"]),
+                    "auroc": float(m["auroc"]),
+                    "mannwhitney_p": float(m["mannwhitney_p"]),
                 }
             )
-    for name in targets:
-        ref = next(r for r in rows if r["targets"] == name)
+            chance.setdefault(name, (int(m["n_targets_ranked"]), int(m["n_genes"]), float(m["expected_hits"])))
+    for name, (n_t, n, expected) in chance.items():
         rows.append(
             {
                 "method": "chance",
                 "targets": name,
-                "n_targets": ref["n_targets"],
-                "n_ranked": ref["n_ranked"],
-                f"hits@{top_k}": top_k * ref["n_targets"] / ref["n_ranked"],
+                "n_targets": n_t,
+                "n_ranked": n,
+                f"hits@{top_k}": expected,
                 "auroc": 0.5,
                 "mannwhitney_p": 0.5,
             }
         )
     return pd.DataFrame(rows)
-
-
-def _metrics_of(adata: AnnData, key: str, targets: dict[str, list[str]], top_k: int) -> Any:
-    """hits@k, AUROC and one-sided Mann-Whitney p of each target list, from ``var[key + '_mean']``."""
-    import pandas as pd
-    from scipy.stats import mannwhitneyu
-
-    params = adata.uns[key]["params"]
-    perturbed = params.get("gene_id", params.get("gene"))
-    score = adata.var[f"{key}_mean"]
-    score = score[np.isfinite(score.to_numpy(dtype=float)) & (score.index != perturbed)]
-    order = score.sort_values(ascending=False).index
-    top = set(order[:top_k])
-    rows = {}
-    for name, genes in targets.items():
-        is_t = score.index.isin(genes)
-        pos, neg = score.to_numpy()[is_t], score.to_numpy()[~is_t]
-        u, p = mannwhitneyu(pos, neg, alternative="greater")
-        rows[name] = {
-            "n_targets": int(is_t.sum()),
-            "n_ranked": len(score),
-            "hits": len(top & set(genes)),
-            "auroc": u / (len(pos) * len(neg)),
-            "pvalue": p,
-        }
-    return pd.DataFrame(rows).T
 
 
 def format_metrics(metrics: Any, *, top_k: int = 20) -> str:

@@ -322,15 +322,15 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     adata = read_h5ad(args.input)
     targets = _parse_targets(args.targets)
-    table = rank_targets(adata, key=args.key, targets=targets, top_k=args.top_k)
+    table = rank_targets(adata, args.key, known_targets=targets, n_top=args.top_k, min_cells=args.min_cells)
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.head(args.show).to_string())
-    metrics = adata.uns.get(args.key, {}).get("rank_metrics") if isinstance(adata.uns.get(args.key), dict) else None
-    if metrics:
-        print()
-        print(_metrics_table(metrics))
+        metrics = table.attrs.get("metrics")
+        if metrics:
+            print()
+            print(pd.DataFrame(metrics).T.to_string(float_format=lambda v: f"{v:.4g}"))
     if args.csv is not None:
         table.to_csv(args.csv)
         print(f"wrote {args.csv}", file=sys.stderr)
@@ -351,8 +351,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not out.parent.exists():
         raise CLIError(f"output directory {str(out.parent)!r} does not exist.")
     targets = _parse_targets(args.targets)
-    keys = args.key if len(args.key) > 1 else args.key[0]
-    fig = target_shift(adata, key=keys, targets=targets, n_top=args.n_top, show=False, return_fig=True)
+    fig = target_shift(
+        adata,
+        args.key,
+        compare=args.compare,
+        highlight=targets,
+        gene_symbols=args.gene_symbols,
+        n_top=args.n_top,
+        show=False,
+        return_fig=True,
+    )
     fig.savefig(out, dpi=args.dpi, bbox_inches="tight")
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -375,13 +383,6 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     for name, path in paths.items() if isinstance(paths, dict) else zip(args.names, paths or [], strict=False):
         print(f"{name}\t{path}")
     return 0
-
-
-def _metrics_table(metrics: Any) -> str:
-    import pandas as pd
-
-    frame = pd.DataFrame(metrics) if not isinstance(metrics, pd.DataFrame) else metrics
-    return frame.to_string(float_format=lambda v: f"{v:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="NAME=FILE with gene ids/symbols one per line (repeat for several lists); FILE alone is named by its stem",
     )
     p.add_argument("--top-k", type=_positive_int, default=50, help="k for hits@k")
+    p.add_argument("--min-cells", type=_positive_int, default=1, help="rank genes measured in at least this many cells")
     p.add_argument("--show", type=_nonneg_int, default=20, help="rows of the ranking to print")
     p.add_argument("--csv", default=None, help="write the full ranking to this CSV file")
     p.add_argument("-o", "--output", default=None, help="also write the .h5ad with the ranking stored in uns")
@@ -625,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="input .h5ad file with a perturbation result")
     p.add_argument("-o", "--output", required=True, help="image file (.png, .pdf, .svg)")
-    p.add_argument("--key", action="append", default=None, help="perturbation key(s) (default: dta_shift)")
+    p.add_argument("--key", default="dta_shift", help="perturbation key")
+    p.add_argument("--compare", default=None, help="second perturbation key drawn side by side, e.g. dta_shift_delete")
+    p.add_argument("--gene-symbols", default=None, help="var column with gene labels (default: var_names)")
     p.add_argument("--targets", action="append", help="NAME=FILE target lists to highlight")
     p.add_argument("--n-top", type=_positive_int, default=30, help="genes to show")
     p.add_argument("--dpi", type=_positive_int, default=150, help="resolution of raster images")
@@ -664,8 +668,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    if args.command == "plot" and args.key is None:
-        args.key = ["dta_shift"]
     debug = args.debug or os.environ.get("SC_DTA_DEBUG", "").lower() in {"1", "true", "yes"}
     _configure_logging(args.verbose)
     if args.quiet:
