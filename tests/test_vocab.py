@@ -111,8 +111,13 @@ def test_load_through_registry_offline(geneformer_data, monkeypatch, v1, v2):
             target = cache / reg[f"geneformer_{version}_{stem}"]["filename"]
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(geneformer_data / f"{stem}{suffix}.pkl", target)
-    assert GeneformerVocab.load("V1") == v1
+    loaded = GeneformerVocab.load("V1")
+    assert loaded == v1
     assert GeneformerVocab.load("v2") == v2
+    assert GeneformerVocab.load("V1") is loaded  # kept in memory while the cached files are unchanged
+    assert dta.pp.tokenize(ad.AnnData(np.ones((1, 1), np.float32), var=pd.DataFrame(index=["GATA4"]))).input_ids[
+        0
+    ].tolist() == [2, 7196, 3]  # model_version="V2" by default
 
 
 def test_unknown_name_or_missing_path():

@@ -49,6 +49,8 @@ _KINDS: dict[str, tuple[str, bool]] = {
     "gene_names": ("gene_name_id_dict", False),
 }
 _JSON_NAME = "vocab.json"
+#: The last vocabulary of each version loaded through the registry (treated as read-only).
+_REGISTRY_CACHE: dict[tuple, GeneformerVocab] = {}
 _JSON_FORMAT = "sc_dta.GeneformerVocab"
 _SPECIAL_RE = re.compile(r"^<[^<>]+>$")
 
@@ -435,7 +437,8 @@ class GeneformerVocab:
         ----------
         name_or_path
             ``"V1"`` (gc30M dictionaries, 25,426 tokens) or ``"V2"`` (gc104M dictionaries, 20,275 tokens),
-            fetched through :func:`sc_dta.datasets.fetch` (pinned revision, sha256-checked, cached); or a
+            fetched through :func:`sc_dta.datasets.fetch` (pinned revision, sha256-checked, cached; the
+            loaded vocabulary is kept in memory and shared by later calls, so treat it as read-only); or a
             local path: a folder holding ``vocab.json`` (written by :meth:`save`) or the pickled dictionaries
             (``token_dictionary_gc104M.pkl``, ``gene_median_dictionary_gc104M.pkl``,
             ``ensembl_mapping_dict_gc104M.pkl``, ``gene_name_id_dict_gc104M.pkl``; ``*_gc30M.pkl`` for V1;
@@ -542,14 +545,21 @@ class GeneformerVocab:
                 ("gene_names", "gene_name_id_dict"),
             )
         }
-        return cls.from_files(
-            files["token_ids"],
-            files["medians"],
-            files["mapping"],
-            files["gene_names"],
-            version=version,
-            max_length=max_length,
-        )
+        stamp = (version, max_length, *((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files.values()))
+        cached = _REGISTRY_CACHE.get(stamp)
+        if cached is None:
+            cached = cls.from_files(
+                files["token_ids"],
+                files["medians"],
+                files["mapping"],
+                files["gene_names"],
+                version=version,
+                max_length=max_length,
+            )
+            for old in [k for k in _REGISTRY_CACHE if k[0] == version]:
+                del _REGISTRY_CACHE[old]
+            _REGISTRY_CACHE[stamp] = cached
+        return cached
 
     # ---------------------------------------------------------------- custom vocabularies
     @classmethod
