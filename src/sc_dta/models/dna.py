@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,11 +248,14 @@ class EnformerEncoder:
 
         if not isinstance(model, Enformer):
             raise TypeError(f"model must be an enformer_pytorch.Enformer, got {type(model).__name__}.")
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
             raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
+        n_bins = int(n_bins)
         self.model = model
         self.bin_size = 2**model.config.num_downsamples
         window = native_window(model) if window is None else window
+        if isinstance(window, numbers.Integral) and not isinstance(window, bool):
+            window = int(window)
         if isinstance(window, bool) or not isinstance(window, int) or window <= 0 or window % self.bin_size:
             raise ValueError(
                 f"window={window!r} must be a positive multiple of the bin size {self.bin_size} bp "
@@ -389,7 +393,8 @@ class EnformerEncoder:
                 m.use_tf_gamma = value
 
     def _one_hot(self, codes: np.ndarray, device: torch.device) -> torch.Tensor:
-        table = torch.cat([torch.eye(4, device=device), torch.zeros(1, 4, device=device)])
+        dtype = self.model.stem[0].weight.dtype  # float32 normally; follows a model cast with .half()/.bfloat16()
+        table = torch.cat([torch.eye(4, device=device, dtype=dtype), torch.zeros(1, 4, device=device, dtype=dtype)])
         return table[torch.from_numpy(codes).to(device=device, dtype=torch.long)]
 
     def _forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -547,10 +552,11 @@ class KmerEncoder:
     pooling = "spectrum"
 
     def __init__(self, k: int = 4, window: int = 2_000, *, canonical: bool = False) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 12:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= 12:
             raise ValueError(f"k must be an integer between 1 and 12, got {k!r}.")
-        if isinstance(window, bool) or not isinstance(window, int) or window < k:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < k:
             raise ValueError(f"window must be an integer >= k={k}, got {window!r}.")
+        k, window = int(k), int(window)
         self.k = k
         self.window = window
         self.canonical = bool(canonical)
