@@ -256,6 +256,9 @@ def test_backed_and_mudata(v2, ref2, tmp_path):
     backed.file.close()
     mdata = md.MuData({"rna": adata})
     assert _tokens(dta.pp.tokenize(mdata, vocab=v2, gene_id_key="ensembl")) == expected
+    view = adata[3:20]
+    assert _tokens(dta.pp.tokenize(view, vocab=v2, gene_id_key="ensembl")) == expected[3:20]
+    assert view.is_view
 
 
 def test_ties_follow_var_order():
@@ -325,6 +328,8 @@ def test_errors(v2):
         dta.pp.tokenize(adata, vocab=v2, layer="raw")
     with pytest.raises(KeyError, match="gene_id_key='ensembl'"):
         dta.pp.tokenize(adata, vocab=v2, gene_id_key="ensembl")
+    with pytest.raises(ValueError, match="model_version='V3'"):
+        dta.pp.tokenize(adata, model_version="V3")
     with pytest.raises(ValueError, match="max_length=5000"):
         dta.pp.tokenize(adata, vocab=v2, max_length=5000)
     adata.obs["n_counts"] = np.nan

@@ -410,7 +410,9 @@ def _resolve_vocab(model_version: str, vocab: GeneformerVocab | str | None) -> G
     from sc_dta.models.vocab import GeneformerVocab
 
     if vocab is None:
-        return GeneformerVocab.load(model_version)
+        if str(model_version).strip().upper() not in ("V1", "V2"):
+            raise ValueError(f"model_version={model_version!r} must be 'V1' or 'V2' (or pass vocab=).")
+        return GeneformerVocab.load(str(model_version).strip().upper())
     if isinstance(vocab, GeneformerVocab):
         return vocab
     return GeneformerVocab.load(vocab)
