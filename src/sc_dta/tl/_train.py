@@ -193,7 +193,10 @@ def train_adapter(
     special = np.asarray(sorted(int(i) for i in vocab.special_ids), dtype=np.int64)
     seqs = [np.asarray(s, dtype=np.int64) for s in tokens.input_ids]
     lengths = np.array([s.size for s in seqs], dtype=np.int64)
-    n_genes = np.array([int((~np.isin(s, special)).sum()) for s in seqs], dtype=np.int64)
+    flat = np.concatenate(seqs) if seqs else np.empty(0, dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(~np.isin(flat, special))])
+    ends = np.cumsum(lengths)
+    n_genes = cum[ends] - cum[ends - lengths]  # gene (non-special) tokens per cell
     usable = np.flatnonzero(n_genes > 0)
     if usable.size == 0:
         raise ValueError("No cell has counts for a gene in the vocabulary: nothing to train on.")
