@@ -131,6 +131,21 @@ def test_tss_window_with_snv(genome_files, encoder):
         assert mut == ref[:tss_index] + oriented_alt + ref[tss_index + 1 :]
 
 
+def test_tss_window_with_tss_deletion(genome_files, encoder):
+    """TSS-relative specs refer to the real TSS, not to the shifted window centre; the TSS index is kept."""
+    fasta, _, expected = genome_files
+    genome = Genome(fasta)
+    tss_index = WINDOW // 2 - encoder.center_shift
+    for gid in ("ENSG00000000419", "ENSG00000000003"):  # + and - strand
+        g = expected["genes"][gid]
+        big, t = WINDOW + 200, (WINDOW + 200) // 2
+        oriented = window_by_hand(expected["sequences"], g["chrom"], g["tss"], g["strand"], big, t)
+        deleted = oriented[: t - 10] + oriented[t + 11 :]  # oriented bases -10..+10 removed (21 bp)
+        start = (t - 10) - tss_index  # the base after the deletion (old +11) takes the TSS index
+        mut = tss_window(genome, g["chrom"], g["tss"], g["strand"], encoder, mutations=["delete:-10:+10"])
+        assert mut == deleted[start : start + WINDOW]
+
+
 def test_embed_dna_rows_match_encoder(genome_files, encoder):
     fasta, _, expected = genome_files
     adata = tss_adata(expected)
@@ -299,3 +314,33 @@ def test_errors_leave_adata_unchanged(genome_files, encoder):
         dta.tl.embed_dna(adata, genome=fasta, encoder="enformer")
     with pytest.raises(FileNotFoundError):
         dta.tl.embed_dna(adata, genome="/nonexistent/genome.fa", encoder=encoder)
+
+
+def test_cache_concurrent_writers_and_readers():
+    """Writers rename complete files into place: a reader sees nothing or the whole entry, never a partial one."""
+    import threading
+
+    kmer = KmerEncoder(5, window=100)  # 1,024-d entries
+    cache = DNAEmbeddingCache(kmer)
+    key = sequence_key("ACGT" * 25)
+    value = np.random.default_rng(0).random(kmer.dim).astype(np.float32)
+    seen = []
+    cache.put(key, value)  # readers always find an entry, while writers keep replacing it
+
+    def write() -> None:
+        for _ in range(20):
+            cache.put(key, value)
+
+    def read() -> None:
+        for _ in range(200):
+            got = cache.get(key)
+            seen.append(got is not None and bool(np.array_equal(got, value)))
+
+    threads = [threading.Thread(target=write) for _ in range(4)] + [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 800 and all(seen)
+    assert np.array_equal(cache.get(key), value)
+    assert not list(cache.directory.glob("*/*.tmp")) and len(cache) == 1
