@@ -344,3 +344,14 @@ def test_cache_concurrent_writers_and_readers():
     assert len(seen) == 800 and all(seen)
     assert np.array_equal(cache.get(key), value)
     assert not list(cache.directory.glob("*/*.tmp")) and len(cache) == 1
+
+
+def test_end_to_end_with_annotate_tss(genome_files):
+    fasta, gtf, expected = genome_files
+    adata = make_test_adata(expected, n_obs=5)
+    dta.pp.annotate_tss(adata, gtf)
+    kmer = KmerEncoder(2, window=200)
+    dta.tl.embed_dna(adata, genome=fasta, encoder=kmer)
+    by_hand = tss_adata(expected)
+    dta.tl.embed_dna(by_hand, genome=fasta, encoder=kmer)
+    np.testing.assert_array_equal(adata.varm["dna_emb"], by_hand.varm["dna_emb"])
