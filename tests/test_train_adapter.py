@@ -201,6 +201,7 @@ def test_wraps_plain_backbone(tmp_path):
     assert isinstance(model, BioDTA) and model.backbone is backbone
     assert model.adapter.n_layers == 1 and model.mode == "add" and model.d_dna == D_DNA
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    assert all(p.requires_grad for p in backbone.parameters())  # frozen for training only
     tok = dta.pp.tokenize(adata, vocab=vocab)
     has = model.has_dna.numpy()
     expected = np.zeros(len(vocab), dtype=bool)

@@ -271,6 +271,7 @@ def train_adapter(
             )
         bio.set_dna_embeddings(dna_token_ids, dna_rows)
         bio.to(dev)
+        grad_flags = [(p, p.requires_grad) for p in bio.parameters()]  # restored afterwards
         bio.freeze_backbone(freeze_backbone)
         if not freeze_backbone:
             bio.backbone_trained = True
@@ -393,6 +394,8 @@ def train_adapter(
                 save_checkpoint(epoch + 1, 0, _get_rng_state(mask_gen, cuda_devices))
         finally:
             bar.close()
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
         elapsed = time.perf_counter() - t0
         if n_tokens:
             logger.info("Trained on %d tokens in %.1f s (%.0f tokens/s).", n_tokens, elapsed, n_tokens / elapsed)
