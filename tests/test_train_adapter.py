@@ -175,6 +175,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     for k in full_state:
         assert torch.equal(full_state[k], res_state[k]), k
     assert [h.get("loss") for h in resumed.loss_history] == [h.get("loss") for h in full.loss_history]
+    # Ctrl-C in the middle of an accumulation group (during a forward pass): resumes from the group's start
+    out2 = tmp_path / "run2"
+    model = small_model(vocab)
+    calls = []
+
+    def interrupt(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 5:  # first micro-batch of the third optimiser step
+            raise KeyboardInterrupt
+
+    model.adapter.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dta.tl.train_adapter(adata, model, output_dir=out2, **kwargs)
+    assert len([h for h in BioDTA.from_pretrained(out2 / "checkpoint" / "model").loss_history if "loss" in h]) == 2
+    resumed2 = dta.tl.train_adapter(adata, small_model(vocab), output_dir=out2, resume=True, **kwargs)
+    for k, v in resumed2.state_dict().items():
+        assert torch.equal(full_state[k], v), k
     # changed settings are refused
     with pytest.raises(ValueError, match="other settings"):
         dta.tl.train_adapter(adata, small_model(vocab), output_dir=out, resume=True, **{**kwargs, "lr": 1e-3})
