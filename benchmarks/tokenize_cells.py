@@ -1,19 +1,11 @@
 """Tokenizer throughput: cells/s of ``sc_dta.pp.tokenize`` on sparse raw counts.
 
-Usage: ``python benchmarks/tokenize.py [--cells 20000] [--genes 20000] [--nnz 2000] [--version V2]``.
+Usage: ``python benchmarks/tokenize_cells.py [--cells 20000] [--genes 20000] [--nnz 2000] [--version V2]``.
 Uses the real Geneformer dictionaries when found (``SC_DTA_GENEFORMER_DATA`` or ../shared/data/geneformer),
 else a custom vocabulary built from the simulated counts.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import sys
-
-# this file is named like the standard library's ``tokenize``: keep its folder off the import path
-sys.path[:] = [
-    p for p in sys.path if p not in ("", __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-]
 
 import argparse
 import os
