@@ -290,36 +290,48 @@ class DynamicTokenEmbedding(nn.Module):
         uniq, inverse = torch.unique(input_ids, return_inverse=True)
         rows = self.dna_index[uniq]
         use = rows >= 0
-        dna = self.dna_rows[rows.clamp(min=0)] if self.dna_rows.shape[0] else None
-        if dna_overrides:
-            dna = dna if dna is not None else torch.zeros(uniq.shape[0], self.d_dna, device=weight.device)
-            dna = dna.clone()
-            special = set(self.special_ids.tolist())
-            for token, vector in dna_overrides.items():
-                token = int(token)
-                if token in special:
-                    raise ValueError(f"dna_overrides: token {token} is a special token and has no DNA embedding.")
-                if not 0 <= token < self.vocab_size:
-                    raise ValueError(f"dna_overrides: token id {token} is outside [0, {self.vocab_size}).")
-                vec = torch.as_tensor(
-                    np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor) else vector
-                )
-                vec = vec.to(device=dna.device, dtype=dna.dtype).reshape(-1)
-                if vec.shape[0] != self.d_dna:
-                    raise ValueError(f"dna_overrides[{token}] has {vec.shape[0]} values, expected d_dna={self.d_dna}.")
-                if not torch.isfinite(vec).all():
-                    raise ValueError(f"dna_overrides[{token}] contains NaN or infinite values.")
-                hit = uniq == token
-                dna[hit] = vec
-                use = use | hit
+        overrides = self._check_overrides(dna_overrides, weight.device) if dna_overrides else {}
+        for token in overrides:
+            use = use | (uniq == token)
         table = nn.functional.embedding(uniq, weight)  # (n_unique, hidden), gradients reach the static rows
-        if dna is not None and bool(use.any()):
-            out = self.adapter(dna[use]).to(table.dtype)
+        idx = torch.nonzero(use).squeeze(1)
+        if idx.numel():
+            if self.dna_rows.shape[0]:
+                dna = self.dna_rows[rows[idx].clamp(min=0)]  # only the unique tokens that take DNA
+            else:
+                dna = torch.zeros(idx.numel(), self.d_dna, device=weight.device)
+            if overrides:
+                used = uniq[idx]
+                for token, vec in overrides.items():
+                    dna[used == token] = vec.to(dna.dtype)
+            out = self.adapter(dna).to(table.dtype)
             if self.mode == "add":
-                out = table[use] + out
-            idx = torch.nonzero(use).squeeze(1)
+                out = table[idx] + out
             table = table.index_copy(0, idx, out)
         return table[inverse]
+
+    def _check_overrides(
+        self, dna_overrides: Mapping[int, torch.Tensor | np.ndarray], device: torch.device
+    ) -> dict[int, torch.Tensor]:
+        special = set(self.special_ids.tolist())
+        out: dict[int, torch.Tensor] = {}
+        for token, vector in dna_overrides.items():
+            token = int(token)
+            if token in special:
+                raise ValueError(f"dna_overrides: token {token} is a special token and has no DNA embedding.")
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"dna_overrides: token id {token} is outside [0, {self.vocab_size}).")
+            if isinstance(vector, torch.Tensor):
+                vec = vector.to(device=device, dtype=torch.float32)
+            else:
+                vec = torch.as_tensor(np.asarray(vector, dtype=np.float32), device=device)
+            vec = vec.reshape(-1)
+            if vec.shape[0] != self.d_dna:
+                raise ValueError(f"dna_overrides[{token}] has {vec.shape[0]} values, expected d_dna={self.d_dna}.")
+            if not torch.isfinite(vec).all():
+                raise ValueError(f"dna_overrides[{token}] contains NaN or infinite values.")
+            out[token] = vec
+        return out
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"vocab_size={self.vocab_size}, d_dna={self.d_dna}, n_dna={self.dna_rows.shape[0]}, mode={self.mode!r}"
