@@ -298,7 +298,11 @@ def run_perturbations(
     overrides = [
         None
         if s.dna_override is None
-        else {int(s.token_id): torch.as_tensor(np.asarray(s.dna_override), dtype=torch.float32, device=device)}
+        else {
+            int(s.token_id): torch.as_tensor(
+                np.asarray(s.dna_override), dtype=param.dtype if param is not None else torch.float32, device=device
+            )
+        }
         for s in specs
     ]
 
@@ -358,7 +362,12 @@ def run_perturbations(
     oom = _oom_error()
     pos = 0
     bs = batch_size
-    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar:
+    # one outer autocast region: autocast keeps its cache of low-precision weight copies across batches
+    with (
+        torch.inference_mode(),
+        autocast(device),
+        tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
+    ):
         while pos < len(order):
             batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs)]
             try:
@@ -374,8 +383,8 @@ def run_perturbations(
                 if res is None:
                     continue
                 rc, toks, sh, ec, ms, es = res
-                out_cell[k].append(rc)
-                out_tok[k].append(toks)
+                out_cell[k].append(rc.astype(np.int32))
+                out_tok[k].append(toks.astype(np.int32))
                 out_shift[k].append(sh)
                 cell_mean[k, ec] = ms
                 cell_embs[k, ec] = es
@@ -390,8 +399,8 @@ def run_perturbations(
     for k in range(len(specs)):
         final.append(
             ShiftResult(
-                cell=_cat(out_cell[k], np.int64),
-                token=_cat(out_tok[k], np.int64),
+                cell=_cat(out_cell[k], np.int32),
+                token=_cat(out_tok[k], np.int32),
                 shift=_cat(out_shift[k], np.float32),
                 cell_mean=cell_mean[k],
                 cell_emb=cell_embs[k],
