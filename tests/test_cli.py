@@ -113,6 +113,12 @@ def test_bad_files(tmp_path, capsys):
     assert "no-such-entry-xyz" in _one_line_error(capsys, "prefetch")
 
 
+def test_prefetch_list(capsys):
+    assert main(["prefetch", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert set(names) == set(dta.datasets.registry())
+
+
 def test_bad_options(tmp_path, capsys):
     assert main(["train", "x.h5ad", "--model-out", str(tmp_path), "--epochs", "0"]) == 2
     assert "positive integer" in capsys.readouterr().err

@@ -370,17 +370,21 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     """Run :func:`sc_dta.datasets.prefetch` (or list the registry)."""
     from .datasets import prefetch, registry
 
-    if args.list or not args.names:
-        for name, entry in sorted(registry().items()):
-            kind = entry.get("kind", "model" if "repo_id" in entry else "file")
-            print(f"{name:45s} {kind:6s} {entry.get('description', entry.get('url', entry.get('repo_id', '')))}")
+    if args.list or not (args.names or args.models):
+        for name, entry in registry().items():
+            kind = entry.get("kind", "")
+            text = entry.get("description") or ", ".join(entry.get("members", []))
+            print(f"{name:30s} {kind:6s} {' '.join(str(text).split())[:90]}")
+        if not args.list:
+            print("\nNothing downloaded: name entries or groups, e.g. `sc-dta prefetch default`.", file=sys.stderr)
         return 0
-    if args.cache_dir is not None:
-        from ._settings import settings
-
-        settings.cache_dir = args.cache_dir
-    paths = prefetch(args.names)
-    for name, path in paths.items() if isinstance(paths, dict) else zip(args.names, paths or [], strict=False):
+    paths = prefetch(
+        args.names or None,
+        models=args.models or None,
+        cache_dir=args.cache_dir,
+        hf_cache_dir=args.hf_cache_dir,
+    )
+    for name, path in paths.items():
         print(f"{name}\t{path}")
     return 0
 
@@ -640,11 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_prefetch,
         "download weights, genome and annotation ahead of time (for offline clusters)",
         "Download registry entries (files via pooch, model repositories via huggingface_hub at pinned revisions) "
-        "into the cache, so later runs work with HF_HUB_OFFLINE=1. Without names, list the registry.",
+        "into the cache, so later runs work with HF_HUB_OFFLINE=1. Without names, list the registry; "
+        "`sc-dta prefetch default` fetches hg38, GENCODE, the Geneformer V2 dictionaries, Enformer and Geneformer.",
     )
-    p.add_argument("names", nargs="*", help="registry entries or groups")
-    p.add_argument("--list", action="store_true", help="list the registry entries")
-    p.add_argument("--cache-dir", default=None, help="cache directory (default: settings.cache_dir)")
+    p.add_argument("names", nargs="*", help="registry entries or groups (e.g. default, hg38, enformer)")
+    p.add_argument("--model", dest="models", action="append", help="extra Hugging Face repo 'owner/name[@revision]'")
+    p.add_argument("--list", action="store_true", help="list the registry entries and groups")
+    p.add_argument("--cache-dir", default=None, help="data cache for files (default: settings.cache_dir)")
+    p.add_argument("--hf-cache-dir", default=None, help="Hugging Face cache for model repositories")
     return parser
 
 
