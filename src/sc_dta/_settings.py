@@ -34,24 +34,6 @@ class Settings:
     Each attribute can also be set through an environment variable read at import:
     ``SC_DTA_DEVICE``, ``SC_DTA_DTYPE``, ``SC_DTA_CACHE_DIR``, ``SC_DTA_PROGRESS`` and
     ``SC_DTA_VERBOSITY``.
-
-    Attributes
-    ----------
-    device
-        ``"auto"`` (CUDA, else Apple MPS, else CPU) or any :class:`torch.device` string.
-    dtype
-        Compute precision of the models. ``"auto"`` uses bfloat16 autocast on CUDA and float32
-        elsewhere; ``"float32"`` forces full precision everywhere.
-    cache_dir
-        Where downloads, indexed genomes and embedding caches live.
-    batch_size_dna
-        Default number of DNA windows per encoder batch.
-    batch_size_cells
-        Default number of cells per cell-model batch.
-    progress
-        Whether to show progress bars.
-    verbosity
-        Logging level of the ``sc_dta`` logger.
     """
 
     def __init__(self) -> None:
@@ -60,12 +42,13 @@ class Settings:
         self.cache_dir = _default_cache_dir()
         self.batch_size_dna = 4
         self.batch_size_cells = 16
-        self.progress = _env_bool("SC_DTA_PROGRESS", True)
+        self.progress: bool = _env_bool("SC_DTA_PROGRESS", True)
+        """Whether to show progress bars."""
         self.verbosity = os.environ.get("SC_DTA_VERBOSITY", "WARNING")
 
     @property
     def device(self) -> str:
-        """Default compute device."""
+        """Default compute device: ``"auto"`` (CUDA, else Apple MPS, else CPU) or a :class:`torch.device` string."""
         return self._device
 
     @device.setter
@@ -82,7 +65,7 @@ class Settings:
 
     @property
     def dtype(self) -> Literal["auto", "float32", "bfloat16", "float16"]:
-        """Compute precision."""
+        """Compute precision: ``"auto"`` is bfloat16 autocast on CUDA and float32 elsewhere; ``"float32"`` everywhere."""
         return self._dtype
 
     @dtype.setter
@@ -93,7 +76,7 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        """Cache directory for downloads and embedding caches."""
+        """Where downloads, decompressed genomes and DNA embedding caches live."""
         return self._cache_dir
 
     @cache_dir.setter
@@ -102,7 +85,7 @@ class Settings:
 
     @property
     def batch_size_dna(self) -> int:
-        """Default DNA encoder batch size."""
+        """Default number of DNA windows per encoder batch."""
         return self._batch_size_dna
 
     @batch_size_dna.setter
@@ -111,7 +94,7 @@ class Settings:
 
     @property
     def batch_size_cells(self) -> int:
-        """Default cell-model batch size."""
+        """Default number of cells per cell-model batch."""
         return self._batch_size_cells
 
     @batch_size_cells.setter
@@ -120,7 +103,7 @@ class Settings:
 
     @property
     def verbosity(self) -> str:
-        """Level of the ``sc_dta`` logger."""
+        """Logging level of the ``sc_dta`` logger."""
         return self._verbosity
 
     @verbosity.setter

@@ -581,8 +581,8 @@ class GeneformerVocab:
         The median of a gene is Geneformer's normalisation factor: the median over the cells that
         express it (non-zero values only) of ``counts / n_counts * 10,000``, with ``n_counts`` the cell's
         total over all genes (``obs[n_counts_key]`` when present). Gene ids are upper-cased; vars with the
-        same id are summed first. Token ids follow the special tokens (``<pad>``=0, ``<mask>``=1, and with
-        ``special_tokens`` ``<cls>``=2, ``<eos>``=3) in var order; the mapping is the identity on the
+        same id are summed first. Token ids follow the special tokens (``<pad>`` = 0, ``<mask>`` = 1, and with
+        ``special_tokens`` ``<cls>`` = 2, ``<eos>`` = 3) in var order; the mapping is the identity on the
         (upper-case) ids. Genes never expressed get no token (logged).
 
         Parameters
