@@ -335,3 +335,18 @@ def test_length_grouped_batches():
     assert spread < 60
     again = _length_grouped_batches(cells, lengths, 10, np.random.default_rng(1))
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning:mudata")
+def test_bf16_autocast_and_mudata(monkeypatch):
+    """The autocast path (bf16 on CUDA; forced here on the CPU) and a MuData modality."""
+    import mudata as md
+
+    adata = simulate(24)
+    vocab = sim_vocab(adata.var_names)
+    monkeypatch.setattr(dta.settings, "dtype", "bfloat16")
+    mdata = md.MuData({"rna": adata})
+    model = dta.tl.train_adapter(mdata, small_model(vocab), epochs=2, batch_size=8, val_fraction=0.2)
+    rec = mdata["rna"].uns["train_adapter"]
+    assert rec["loss"].size == 2 * 3 and np.isfinite(rec["loss"]).all() and np.isfinite(rec["val_loss"]).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a cast of the weights
