@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -48,15 +49,15 @@ def counts_adata(seed=0):
     return a
 
 
-@pytest.fixture(scope="module", params=["V2", "V1"])
-def setup(request):
+@functools.cache
+def _build(version):
     from transformers import BertConfig, BertForMaskedLM
 
     from sc_dta.models.cell import attach_vocab
     from sc_dta.models.vocab import GeneformerVocab
 
     a = counts_adata()
-    vocab = GeneformerVocab.from_adata(a, special_tokens=request.param == "V2", max_length=40)
+    vocab = GeneformerVocab.from_adata(a, special_tokens=version == "V2", max_length=40)
     cfg = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -73,6 +74,17 @@ def setup(request):
     attach_vocab(model, vocab)
     tokens = dta.pp.tokenize(a, vocab=vocab)
     return a, vocab, model, tokens
+
+
+@pytest.fixture
+def setup():
+    """V2-style vocabulary (<cls>/<eos>) and model."""
+    return _build("V2")
+
+
+@pytest.fixture(params=["V2", "V1"])
+def setup_both(request):
+    return _build(request.param)
 
 
 def snapshot(a):
@@ -103,8 +115,8 @@ def test_batches_bound_padding():
     assert _batch_len(lengths[-1:], 4) == 1
 
 
-def test_storage_contract(setup, tmp_path):
-    a, vocab, model, tokens = setup
+def test_storage_contract(setup_both, tmp_path):
+    a, vocab, model, tokens = setup_both
     a = a.copy()
     dta.tl.perturb_gene(a, GENE, model=model)  # tokenizes itself
     key = "dta_shift_delete"
