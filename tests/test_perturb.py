@@ -22,6 +22,8 @@ import sc_dta as dta  # noqa: E402
 from sc_dta.tl._perturb_engine import _batch_len  # noqa: E402
 
 N_OBS, N_GENES = 24, 50
+# MuData's own deprecation notice when building a MuData
+pytestmark = pytest.mark.filterwarnings("ignore:From 0.4 .update:FutureWarning")
 
 
 def scale_weights(model, std=0.3, seed=0):

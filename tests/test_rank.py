@@ -11,6 +11,9 @@ from scipy.stats import mannwhitneyu
 
 import sc_dta as dta
 
+# MuData's own deprecation notice when building a MuData
+pytestmark = pytest.mark.filterwarnings("ignore:From 0.4 .update:FutureWarning")
+
 
 def shift_adata(n_obs=40, n_vars=80, seed=0, key="dta_shift"):
     """AnnData holding a perturbation result laid out as perturb_tss writes it."""
