@@ -65,11 +65,16 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | None = None, **kwargs: Any) -> Iterator[T]:
-    """Wrap ``iterable`` in a :mod:`tqdm.auto` progress bar unless ``settings.progress`` is off."""
+def progress(
+    iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str | None = None, **kwargs: Any
+) -> Iterator[T]:
+    """Wrap ``iterable`` in a :mod:`tqdm.auto` progress bar unless ``settings.progress`` is off.
+
+    The bar itself is returned, so callers can ``set_postfix`` (e.g. a running loss) or ``update`` it.
+    """
     from tqdm.auto import tqdm
 
-    return iter(tqdm(iterable, total=total, desc=desc, disable=not settings.progress, **kwargs))
+    return tqdm(iterable, total=total, desc=desc, disable=not settings.progress, **kwargs)
 
 
 def get_anndata(data: AnnData | MuData, mod: str = "rna") -> AnnData:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sc_dta._settings import settings
-from sc_dta._utils import autocast, get_anndata, resolve_device
+from sc_dta._utils import autocast, get_anndata, progress, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -330,9 +330,7 @@ def train_adapter(
             tmp.rename(ckpt)
             logger.info("Checkpoint written to %s (epoch %d, step %d).", ckpt, epoch, step)
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train_adapter", disable=not settings.progress, unit="step")
+        bar = progress(total=total_steps, initial=step, desc="train_adapter", unit="step")
         running = None
         t0, n_tokens = time.perf_counter(), 0
         try:
