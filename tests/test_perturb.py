@@ -228,6 +228,7 @@ def test_errors_leave_adata_unchanged(setup):
         (KeyError, GENE, {"cells": ["cell0", "nope"]}),
         (ValueError, GENE, {"cells": np.ones(3, dtype=bool)}),
         (ValueError, GENE, {"tokens": dta.pp.tokenize(a[:, :10], vocab=vocab)}),
+        (ValueError, GENE, {"tokens": _build("V1")[3]}),  # another vocabulary than the model's
     ]
     for exc, gene, kw in cases:
         with pytest.raises(exc) as info:

@@ -80,6 +80,27 @@ def _max_positions(model: nn.Module) -> int | None:
     return int(cfg.max_position_embeddings) if cfg is not None and hasattr(cfg, "max_position_embeddings") else None
 
 
+def _check_tokens_fit(model: nn.Module, tokens: Any) -> None:
+    """Refuse tokens made with another vocabulary than the model's."""
+    try:
+        from sc_dta.models.cell import model_vocab
+
+        mv = model_vocab(model)
+    except Exception:  # a bare BertForMaskedLM of unknown vocabulary: only the size check below
+        mv = None
+    tv = getattr(tokens, "vocab", None)
+    if mv is not None and tv is not None and (len(mv) != len(tv) or str(mv.version) != str(tv.version)):
+        raise ValueError(
+            f"tokens: tokenized with the {tv.version} vocabulary ({len(tv)} tokens) but the model uses "
+            f"{mv.version} ({len(mv)} tokens); tokenize with vocab=sc_dta.models.cell.model_vocab(model)."
+        )
+    backbone = getattr(model, "backbone", model)
+    size = getattr(getattr(backbone, "config", None), "vocab_size", None)
+    top = max((int(ids.max()) for ids in tokens.input_ids if len(ids)), default=-1)
+    if size is not None and top >= size:
+        raise ValueError(f"tokens: token id {top} is outside the model's vocabulary of {size} tokens.")
+
+
 def _token_rows(adata: AnnData, tokens: Any) -> np.ndarray:
     """Row of ``adata`` for each tokenized cell."""
     names = pd.Index(np.asarray(tokens.obs_names).astype(str))
@@ -293,6 +314,8 @@ class _Run:
         mask = _cells_mask(adata, cells)
         self.tokens = _tokenize(adata, model, tokens)
         self.vocab = _vocab_of(model, self.tokens)
+        if tokens is not None:
+            _check_tokens_fit(model, self.tokens)
         self.token_id, self.var_pos, self.gene_id = _resolve_gene(adata, gene, self.tokens, self.vocab)
         if need_var and self.var_pos is None:
             raise KeyError(f"gene: {gene!r} is not in adata.var_names.")
