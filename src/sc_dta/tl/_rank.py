@@ -81,6 +81,54 @@ def _match_genes(adata: AnnData, genes: Sequence[str]) -> tuple[np.ndarray, list
     return mask, missing
 
 
+def pooled_ranksum_pvalues(layer: Any) -> np.ndarray:
+    """One-sided Mann–Whitney U p-value of each gene's shifts against all other genes' shifts.
+
+    All stored shifts are ranked once (average ranks for ties); a gene's rank sum within that pool
+    gives its U statistic against the rest; p-values from the normal approximation with tie and
+    continuity correction (as :func:`scipy.stats.mannwhitneyu` with ``method="asymptotic"``).
+    NaN for genes without shifts.
+    """
+    from scipy import sparse
+    from scipy.stats import norm, rankdata
+
+    csc = sparse.csc_matrix(layer)
+    counts = np.diff(csc.indptr).astype(np.float64)
+    data = csc.data.astype(np.float64)
+    total = data.size
+    out = np.full(csc.shape[1], np.nan)
+    if total < 2:
+        return out
+    cols = np.repeat(np.arange(csc.shape[1]), np.diff(csc.indptr))
+    rank_sum = np.bincount(cols, weights=rankdata(data), minlength=csc.shape[1])
+    _, ties = np.unique(data, return_counts=True)
+    tie_term = float((ties.astype(np.float64) ** 3 - ties).sum()) / (total * (total - 1))
+    n1, n2 = counts, total - counts
+    u = rank_sum - n1 * (n1 + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma = np.sqrt(n1 * n2 / 12 * ((total + 1) - tie_term))
+        z = (u - n1 * n2 / 2 - 0.5) / sigma
+    ok = (n1 > 0) & (n2 > 0) & (sigma > 0)
+    out[ok] = norm.sf(z[ok])
+    return out
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (NaN kept)."""
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = int(ok.sum())
+    if m:
+        q = p[ok]
+        order = np.argsort(q)
+        adj = q[order] * m / np.arange(1, m + 1)
+        adj = np.minimum.accumulate(adj[::-1])[::-1]
+        res = np.empty(m)
+        res[order] = np.clip(adj, 0, 1)
+        out[ok] = res
+    return out
+
+
 def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
     """Area under the ROC curve of positives vs negatives (ties count one half), via ranks."""
     from scipy.stats import rankdata
@@ -158,7 +206,9 @@ def rank_targets(
     Returns
     -------
     DataFrame indexed by var name, best first, with columns ``gene``, ``mean_shift``, ``std_shift``
-    (over cells), ``n_cells``, ``rank``, ``is_target`` and, for a dict of target sets, one boolean
+    (over cells), ``n_cells``, ``rank``, ``pval`` / ``pval_adj`` (one-sided Mann–Whitney U test of the
+    gene's per-cell shifts against the pooled shifts of all other genes, as Geneformer's statistics,
+    normal approximation; Benjamini–Hochberg over the ranked genes), ``is_target`` and, for a dict of target sets, one boolean
     column ``target_<name>`` per set. The metrics are in ``df.attrs["metrics"]`` (a dict per target
     set). Also stored, h5ad-serialisable, in ``adata.uns[key]['ranking']`` (``table`` DataFrame,
     ``metrics`` and ``params``).
@@ -174,6 +224,7 @@ def rank_targets(
     n = ad.var[key + "_n"].to_numpy(dtype=np.int64)
     mean = ad.var[key + "_mean"].to_numpy(dtype=np.float64)
     std = np.full(ad.n_vars, np.nan)
+    pval = np.full(ad.n_vars, np.nan)
     if key in ad.layers:
         from scipy import sparse
 
@@ -182,6 +233,7 @@ def rank_targets(
         with np.errstate(invalid="ignore", divide="ignore"):
             var = np.where(n > 1, (sq - n * mean**2) / np.maximum(n - 1, 1), np.nan)
         std = np.sqrt(np.clip(var, 0, None))
+        pval = pooled_ranksum_pvalues(layer)
     keep = (n >= min_cells) & np.isfinite(mean)
     if not keep.any():
         raise ValueError(f"min_cells={min_cells}: no gene of {key!r} was measured in that many cells.")
@@ -195,6 +247,8 @@ def rank_targets(
             "std_shift": std[order].astype(np.float64),
             "n_cells": n[order],
             "rank": np.arange(1, order.size + 1, dtype=np.int64),
+            "pval": pval[order],
+            "pval_adj": _bh(pval[order]),
         },
         index=pd.Index(np.asarray(names, dtype=object), name=None),
     )
