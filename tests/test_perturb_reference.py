@@ -20,6 +20,14 @@ from sc_dta.tl._perturb_engine import PerturbSpec, run_perturbations  # noqa: E4
 MAX_LEN = 96
 
 
+@pytest.fixture(autouse=True)
+def _mix_lengths(monkeypatch):
+    """Let every batch mix very different lengths, so that padding leaks would show."""
+    import sc_dta.tl._perturb_engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MIN_FILL", {"cpu": 0.0, "default": 0.0})
+
+
 # ----------------------------------------------------------------------------- the reference
 
 

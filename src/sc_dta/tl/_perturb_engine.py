@@ -150,15 +150,16 @@ def _pad(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarra
 
 
 #: A batch ends where a cell is shorter than this fraction of the batch's longest cell (bounds the padding).
-MIN_FILL = 0.9
+#: On the CPU batching buys little (the matrices of one cell are already large), so padding is kept tighter.
+MIN_FILL = {"cpu": 0.97, "default": 0.9}
 
 
-def _batch_len(lengths_desc: np.ndarray, batch_size: int) -> int:
-    """Return the size of the next batch: at most ``batch_size``, padding at most ~10% of the longest."""
+def _batch_len(lengths_desc: np.ndarray, batch_size: int, min_fill: float = MIN_FILL["default"]) -> int:
+    """Return the size of the next batch: at most ``batch_size``, padding bounded by ``1 - min_fill``."""
     n = min(batch_size, len(lengths_desc))
     if n <= 1:
         return n
-    return max(1, int(np.count_nonzero(lengths_desc[:n] >= MIN_FILL * lengths_desc[0])))
+    return max(1, int(np.count_nonzero(lengths_desc[:n] >= min_fill * lengths_desc[0])))
 
 
 def _oom_error() -> tuple[type[BaseException], ...]:
@@ -191,8 +192,8 @@ def run_perturbations(
     """Run all ``specs`` on ``cells``, computing each cell's unperturbed forward once.
 
     Cells are processed longest first in batches padded to their longest member; a batch holds at
-    most ``batch_size`` cells and is cut earlier where a cell is shorter than 90% of its longest one,
-    so padding never costs more than ~10%. On CUDA out-of-memory the batch size is halved and the
+    most ``batch_size`` cells and is cut earlier where a cell is shorter than 90% (97% on the CPU) of
+    its longest one, so padding never costs more than ~10% (3%). On CUDA out-of-memory the batch size is halved and the
     run goes on.
 
     Parameters
@@ -360,6 +361,7 @@ def run_perturbations(
     from tqdm.auto import tqdm
 
     oom = _oom_error()
+    min_fill = MIN_FILL.get(device.type, MIN_FILL["default"])
     pos = 0
     bs = batch_size
     # one outer autocast region: autocast keeps its cache of low-precision weight copies across batches
@@ -369,7 +371,7 @@ def run_perturbations(
         tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
     ):
         while pos < len(order):
-            batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs)]
+            batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs, min_fill)]
             try:
                 results = process(batch)
             except oom:
