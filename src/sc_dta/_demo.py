@@ -166,7 +166,7 @@ def run_demo(
     window: int | None = None,
     k: int = 4,
     hidden_size: int = 64,
-    n_layers: int = 2,
+    n_layers: int = 4,
     n_heads: int = 4,
     max_length: int = 128,
     batch_size: int = 32,
