@@ -261,26 +261,20 @@ def run_perturbations(
 
     n_cells = len(cells)
     cells = [np.asarray(c, dtype=np.int64) for c in cells]
-    # which cells each spec evaluates
-    plans: list[list[tuple | None]] = []
-    for s in specs:
-        plan = []
-        for c in cells:
-            if s.kind == "overexpress" and not overexpress_absent and not np.any(c == s.token_id):
-                plan.append(None)
-            else:
-                plan.append(perturb_tokens(c, s, special_ids=special, cls_id=cls_id, eos_id=eos_id, max_length=max_len))
-        plans.append(plan)
-    todo = np.flatnonzero([any(p[i] is not None for p in plans) for i in range(n_cells)])
+    # which cells each spec evaluates (the perturbed tokens themselves are built batch by batch)
+    evaluable = np.zeros((len(specs), n_cells), dtype=bool)
+    for k, s in enumerate(specs):
+        has = np.fromiter((bool(np.any(c == s.token_id)) for c in cells), dtype=bool, count=n_cells)
+        evaluable[k] = has | (s.kind == "overexpress" and overexpress_absent)
+    todo = np.flatnonzero(evaluable.any(axis=0))
     lengths = np.array([len(cells[i]) for i in todo], dtype=np.int64)
     order = todo[np.argsort(-lengths, kind="stable")]
     sorted_lengths = np.sort(lengths)[::-1]
 
-    use_cls = cell_emb == "cls" or (
-        cell_emb == "auto" and cls_id is not None and len(order) > 0 and all(cells[i][0] == cls_id for i in order)
-    )
-    if cell_emb == "cls" and not use_cls:
+    starts_with_cls = cls_id is not None and len(order) > 0 and all(cells[i][0] == cls_id for i in order)
+    if cell_emb == "cls" and not starts_with_cls:
         raise ValueError("cell_emb='cls' needs every evaluated cell to start with the <cls> token.")
+    use_cls = cell_emb != "mean" and starts_with_cls
 
     was_training = model.training
     model.eval()
@@ -320,8 +314,13 @@ def run_perturbations(
         ids0, mask0 = _pad([cells[i] for i in batch], pad_id)
         h0 = fwd(ids0, mask0, None)
         results = []
-        for k in range(len(specs)):
-            rows = [(j, plans[k][i]) for j, i in enumerate(batch) if plans[k][i] is not None]
+        for k, s in enumerate(specs):
+            rows = [
+                (j, perturb_tokens(cells[i], s, special_ids=special, cls_id=cls_id, eos_id=eos_id, max_length=max_len))
+                for j, i in enumerate(batch)
+                if evaluable[k, i]
+            ]
+            rows = [r for r in rows if r[1] is not None]
             if not rows:
                 results.append(None)
                 continue
