@@ -256,3 +256,29 @@ def test_perturb_gene_matches_reference(setup):
     rows, cols = stored.nonzero()
     assert present[rows, cols].all()
     assert stored.nnz == present.sum()
+
+
+def test_cell_embedding_modes(setup):
+    """cell_emb='mean' pools the paired gene embeddings also when a <cls> is present; 'cls' needs one."""
+    vocab, gene, cells, model, model64 = setup
+    specs = [PerturbSpec("delete", gene)]
+    kw = {"special_ids": vocab.special_ids, "cls_id": vocab.cls_id, "eos_id": vocab.eos_id, "device": "cpu"}
+    if vocab.cls_id is None:
+        with pytest.raises(ValueError, match="cls"):
+            run_perturbations(model, cells, specs, cell_emb="cls", **kw)
+        return
+    (res,) = run_perturbations(model, cells, specs, cell_emb="mean", **kw)
+    assert res.cell_emb_mode == "mean"
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for i, c in enumerate(cells):
+            if gene not in c:
+                continue
+            pert = reference_perturb(c, vocab, "delete", gene, MAX_LEN)
+            h0 = model64(torch.from_numpy(c)[None], output_hidden_states=True).hidden_states[n_layers - 1][0]
+            h1 = model64(torch.tensor([pert]), output_hidden_states=True).hidden_states[n_layers - 1][0]
+            keep0 = [j for j, t in enumerate(c.tolist()) if t not in vocab.special_ids and t != gene]
+            keep1 = [j for j, t in enumerate(pert) if t not in vocab.special_ids]
+            e0, e1 = h0[keep0].mean(0), h1[keep1].mean(0)
+            expect = 1.0 - float(torch.dot(e0, e1) / (e0.norm() * e1.norm()))
+            assert abs(res.cell_emb[i] - expect) < 1e-5
