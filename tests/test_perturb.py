@@ -216,7 +216,12 @@ def test_cells_subset_mudata_and_batches(setup):
 
 def test_errors_leave_adata_unchanged(setup):
     a, vocab, model, tokens = setup
+    from sc_dta.models.vocab import GeneformerVocab
+
     a = a.copy()
+    longer = GeneformerVocab(vocab.version, vocab.token_ids, vocab.medians, vocab.mapping, max_length=60)
+    long_tokens = dta.pp.tokenize(a, vocab=longer)
+    assert long_tokens.lengths.max() > 40
     snap = snapshot(a)
     cases = [
         (KeyError, "NOT_A_GENE", {}),
@@ -229,6 +234,7 @@ def test_errors_leave_adata_unchanged(setup):
         (ValueError, GENE, {"cells": np.ones(3, dtype=bool)}),
         (ValueError, GENE, {"tokens": dta.pp.tokenize(a[:, :10], vocab=vocab)}),
         (ValueError, GENE, {"tokens": _build("V1")[3]}),  # another vocabulary than the model's
+        (ValueError, GENE, {"tokens": long_tokens}),  # longer than the model's positions
     ]
     for exc, gene, kw in cases:
         with pytest.raises(exc) as info:

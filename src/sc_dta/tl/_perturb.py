@@ -99,6 +99,13 @@ def _check_tokens_fit(model: nn.Module, tokens: Any) -> None:
     top = max((int(ids.max()) for ids in tokens.input_ids if len(ids)), default=-1)
     if size is not None and top >= size:
         raise ValueError(f"tokens: token id {top} is outside the model's vocabulary of {size} tokens.")
+    n_pos = _max_positions(model)
+    longest = max((len(ids) for ids in tokens.input_ids), default=0)
+    if n_pos is not None and longest > n_pos:
+        raise ValueError(
+            f"tokens: cells of up to {longest} tokens but the model takes at most {n_pos}; "
+            f"tokenize with max_length={n_pos}."
+        )
 
 
 def _token_rows(adata: AnnData, tokens: Any) -> np.ndarray:
