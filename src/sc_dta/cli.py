@@ -174,6 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_genes=args.n_genes,
         epochs=args.epochs,
         device=args.device,
+        threads=args.threads,
         verbose=True,
     )
     return 0
@@ -498,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-genes", type=_positive_int, default=300, help="number of simulated genes")
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the demo's)")
     p.add_argument("--device", default=None, help="compute device (default: settings, i.e. auto)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="CPU threads for torch (the demo's small model runs fastest on one; results depend on this number)",
+    )
 
     # annotate-tss
     p = add(
