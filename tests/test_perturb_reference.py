@@ -282,3 +282,29 @@ def test_cell_embedding_modes(setup):
             e0, e1 = h0[keep0].mean(0), h1[keep1].mean(0)
             expect = 1.0 - float(torch.dot(e0, e1) / (e0.norm() * e1.norm()))
             assert abs(res.cell_emb[i] - expect) < 1e-5
+
+
+def test_out_of_memory_halves_the_batch(setup, caplog):
+    """An out-of-memory error on a batch makes the engine halve the batch and go on, with the same results."""
+    vocab, gene, cells, model, model64 = setup
+    seen = []
+
+    def tight_forward(m, ids, mask, **kw):
+        seen.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return contextual_embeddings(m, ids, mask, **kw)
+
+    kw = {"special_ids": vocab.special_ids, "cls_id": vocab.cls_id, "eos_id": vocab.eos_id, "device": "cpu"}
+    (res,) = run_perturbations(model, cells, [PerturbSpec("delete", gene)], batch_size=8, forward=tight_forward, **kw)
+    (ref,) = run_perturbations(model, cells, [PerturbSpec("delete", gene)], batch_size=8, **kw)
+    assert seen[0] > 2 and seen[-1] <= 2 and all(b <= a for a, b in zip(seen, seen[1:], strict=False))
+    assert "retrying with batch_size" in caplog.text
+    np.testing.assert_allclose(np.sort(res.shift), np.sort(ref.shift), atol=2e-6)
+    np.testing.assert_array_equal(res.evaluated, ref.evaluated)
+
+    def always_oom(m, ids, mask, **kw):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_perturbations(model, cells, [PerturbSpec("delete", gene)], batch_size=4, forward=always_oom, **kw)

@@ -374,11 +374,12 @@ def run_perturbations(
             try:
                 results = process(batch)
             except oom:
-                if device.type != "cuda" or bs == 1:
+                if len(batch) == 1:
                     raise
-                bs = max(1, bs // 2)
-                torch.cuda.empty_cache()
-                logger.warning("CUDA out of memory; retrying with batch_size=%d.", bs)
+                bs = max(1, len(batch) // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
                 continue
             for k, res in enumerate(results):
                 if res is None:
