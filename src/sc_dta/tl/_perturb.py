@@ -440,6 +440,15 @@ def perturb_gene(
         Mean shift over the cells where the gene was measured, and that number of cells.
     ``adata.uns[key]['params']``
         gene, gene_id, token_id, kind, model ids, emb_layer, cells, n_evaluated, cell_emb.
+
+    Notes
+    -----
+    Geneformer's perturber also overexpresses a gene in cells that lack it (inserting the token and
+    trimming the sequence to the model's length); here, as for deletion, only cells whose tokens
+    contain the gene are evaluated. Cost: per evaluated cell one unperturbed forward pass (shared by
+    all kinds) and one per kind, each only up to ``emb_layer`` and never through the masked-LM head;
+    batches are sorted by length and padded per batch; shifts are computed on the device (float32
+    cosines) under :func:`sc_dta._utils.autocast` (bf16 on CUDA by default).
     """
     kinds = [kind] if isinstance(kind, str) else list(kind)
     if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
