@@ -332,7 +332,10 @@ def _run_demo(
     lap("train")
 
     cells = (adata.obs["cell_type"] == "cardiomyocyte").to_numpy()
-    _echo(verbose, f"[4/7] deleting the {sim.tf_symbol} promoter motifs ({sim.mutation}) in the {cells.sum()} cardiomyocytes")
+    _echo(
+        verbose,
+        f"[4/7] deleting the {sim.tf_symbol} promoter motifs ({sim.mutation}) in the {cells.sum()} cardiomyocytes",
+    )
     tl.perturb_tss(adata, sim.tf, sim.mutation, model=model, genome=genome, encoder=enc, cells=cells, device=device)
     lap("perturb_tss")
 
