@@ -40,17 +40,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def encoder_description(encoder: DNAEncoder, device: str | torch.device | None = None) -> dict[str, Any]:
     """Everything about ``encoder`` that determines its embeddings (JSON-serialisable)."""
-    desc: dict[str, Any] = {
-        "name": str(encoder.name),
-        "weights_id": str(encoder.weights_id),
-        "window": int(encoder.window),
-        "dim": int(encoder.dim),
-        "center_shift": int(encoder.center_shift),
-        "pooling": str(encoder.pooling),
-    }
-    n_bins = getattr(encoder, "n_bins", None)
-    if n_bins is not None:
-        desc["n_bins"] = int(n_bins)
+    from sc_dta.models.dna import encoder_info
+
+    desc = encoder_info(encoder)
     cache_tag = getattr(encoder, "cache_tag", None)
     if callable(cache_tag):
         desc["tag"] = str(cache_tag(device))
