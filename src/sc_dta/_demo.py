@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 #: Window of the DNA encoders in the demo: 512 bp, so that the promoter motifs weigh in the k-mer spectrum.
 DEMO_WINDOW = 512
 #: Cell passes of the demo's training (epochs = DEMO_CELL_PASSES / n_cells, at least 1).
-DEMO_CELL_PASSES = 16_000
+DEMO_CELL_PASSES = 45_000
 #: Small random-weight Enformer used by ``--encoder enformer-small``.
 ENFORMER_SMALL = {
     "dim": 96,
@@ -205,7 +205,7 @@ def run_demo(
     n_cells, n_genes
         Size of the simulated data.
     epochs
-        Training epochs (default: about 16,000 cell passes in all, e.g. 5 epochs of 3,000 cells).
+        Training epochs (default: about 45,000 cell passes in all, i.e. 15 epochs of 3,000 cells).
     window
         DNA window in bp around each TSS (default :data:`DEMO_WINDOW`).
     k

@@ -110,6 +110,7 @@ def _draw(
             tick.set_fontweight("bold")
     ax.set_ylim(-0.7, len(top) - 0.3)
     ax.set_xlabel("embedding shift (1 − cosine)")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
     params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), Mapping) else {}
     title = key
     if params:
