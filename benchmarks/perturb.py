@@ -12,8 +12,8 @@ all contain the deleted gene. Prints cells/s and peak memory (RSS above the star
 Geneformer's own perturber on this kind of 2-core CPU: 2.3 cells/s (V1-10M, batch 16) and
 0.29 cells/s (V2-104M, batch 4).
 
-Usage: ``python -P benchmarks/perturb.py [--models V1 V2] [--cells 48 8] [--ref-cells 12 4] [--threads 1]``
-(``-P``: ``benchmarks/tokenize.py`` would otherwise shadow the standard library's ``tokenize``).
+Usage: ``python benchmarks/perturb.py [--models V1 V2] [--cells 48 8] [--ref-cells 12 4] [--threads 1]``
+
 
 On a machine shared with other jobs, multi-threaded wall-clock figures are unreliable (OpenMP threads
 wait for a descheduled sibling); ``--threads 1`` with the CPU-time columns gives the robust speed-ups.

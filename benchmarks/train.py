@@ -18,8 +18,7 @@ Measured on the shared 2-core CPU (float32, batch 2 x 2,048 tokens, load average
 tokens/s, full 792 tokens/s, full with all-position logits 645 tokens/s (with load average ~8 from other
 jobs: 259 / 172 / 108).
 
-Usage (``-P``: ``benchmarks/tokenize.py`` would shadow the standard library's ``tokenize``):
-``python -P benchmarks/train.py [--batch 2] [--steps 3] [--cuda-batch 16] [--cuda-steps 20]``
+Usage: ``python benchmarks/train.py [--batch 2] [--steps 3] [--cuda-batch 16] [--cuda-steps 20]``
 """
 
 from __future__ import annotations
