@@ -28,3 +28,14 @@ def geneformer_data() -> Path:
     if not (GENEFORMER_DATA / "token_dictionary_gc104M.pkl").exists():
         pytest.skip(f"Geneformer reference data not found at {GENEFORMER_DATA}")
     return GENEFORMER_DATA
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's tiny models on one torch thread: much faster on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,12 +14,7 @@ from sc_dta.models.cell import infer_vocab_version, model_source, model_vocab
 REVISION = "04c2b2e84da7c0f385c3f9ad8f3ec24bab6650e5"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shrunk_checkpoint(geneformer_data, name: str, folder, **overrides):

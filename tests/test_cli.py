@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from itertools import product
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -13,35 +13,12 @@ import pytest
 import sc_dta as dta
 from sc_dta.cli import build_parser, main
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _sim_files import canonical_tss as _canonical_tss
+from _sim_files import read_fasta as _read_fasta
+from _sim_files import revcomp as _revcomp
+
 SUBCOMMANDS = ["demo", "annotate-tss", "embed-dna", "train", "perturb-tss", "perturb-gene", "rank", "plot", "prefetch"]
-
-
-def _revcomp(s: str) -> str:
-    return s[::-1].translate(str.maketrans("ACGT", "TGCA"))
-
-
-def _read_fasta(path) -> dict[str, str]:
-    seqs, name = {}, None
-    for line in open(path):
-        line = line.strip()
-        if line.startswith(">"):
-            name = line[1:].split()[0]
-            seqs[name] = []
-        elif line:
-            seqs[name].append(line)
-    return {k: "".join(v) for k, v in seqs.items()}
-
-
-def _canonical_tss(path) -> dict[str, tuple[str, int, str]]:
-    out = {}
-    for line in open(path):
-        if line.startswith("#"):
-            continue
-        f = line.rstrip("\n").split("\t")
-        if f[2] == "transcript" and 'tag "Ensembl_canonical"' in f[8]:
-            gid = re.search(r'gene_id "([^"]+)"', f[8]).group(1).split(".")[0]
-            out[gid] = (f[0], int(f[3]) - 1 if f[6] == "+" else int(f[4]) - 1, f[6])
-    return out
 
 
 def _kmer_spectrum(seq: str, k: int = 4) -> np.ndarray:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,36 +11,10 @@ from scipy import sparse
 import sc_dta as dta
 from sc_dta.datasets._simulated import DEFAULT_MOTIF, TF_MOTIF_POSITIONS
 
-
-def _revcomp(s: str) -> str:
-    return s[::-1].translate(str.maketrans("ACGT", "TGCA"))
-
-
-def _read_fasta(path) -> dict[str, str]:
-    seqs, name = {}, None
-    for line in open(path):
-        line = line.strip()
-        if line.startswith(">"):
-            name = line[1:].split()[0]
-            seqs[name] = []
-        elif line:
-            seqs[name].append(line)
-    return {k: "".join(v) for k, v in seqs.items()}
-
-
-def _canonical_tss(path) -> dict[str, tuple[str, int, str]]:
-    """Independent GTF parse: TSS (0-based) of the Ensembl_canonical transcript of each gene."""
-    out = {}
-    for line in open(path):
-        if line.startswith("#"):
-            continue
-        f = line.rstrip("\n").split("\t")
-        if f[2] != "transcript" or 'tag "Ensembl_canonical"' not in f[8]:
-            continue
-        gid = re.search(r'gene_id "([^"]+)"', f[8]).group(1).split(".")[0]
-        start, end = int(f[3]) - 1, int(f[4]) - 1
-        out[gid] = (f[0], start if f[6] == "+" else end, f[6])
-    return out
+sys.path.insert(0, str(Path(__file__).parent))
+from _sim_files import canonical_tss as _canonical_tss
+from _sim_files import read_fasta as _read_fasta
+from _sim_files import revcomp as _revcomp
 
 
 def _oriented_window(seqs, chrom, tss, strand, half):

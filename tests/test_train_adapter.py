@@ -14,13 +14,7 @@ D_DNA = 16
 N_PROG, N_HK = 12, 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run much faster on one thread on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def simulate(n_cells: int = 200, seed: int = 0) -> ad.AnnData:
@@ -104,6 +98,7 @@ def test_frozen_backbone_only_adapter_gets_gradients():
 
 
 def test_training_lowers_masked_gene_loss(tmp_path):
+    torch.manual_seed(0)  # model initialisation uses the global RNG: independent of test order
     adata = simulate(200)
     vocab = sim_vocab(adata.var_names)
     baseline = unigram_entropy(adata, vocab)
