@@ -303,3 +303,10 @@ def test_user_errors_on_real_files(pipeline, capsys):
     assert main([*args[:-2], "--mutation", "chr1:5:Q>T", "-o", str(out)]) == 2
     _one_line_error(capsys, "perturb-tss")
     assert not out.exists()
+
+
+def test_perturb_gene_key_follows_kind():
+    args = build_parser().parse_args(
+        ["perturb-gene", "in.h5ad", "--model", "m", "--gene", "G", "--kind", "overexpress"]
+    )
+    assert args.key_added is None  # perturb_gene then writes dta_shift_overexpress, not dta_shift_delete

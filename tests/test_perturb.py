@@ -410,3 +410,21 @@ def test_perturb_tss_errors(tss_setup):
     with pytest.raises((ValueError, KeyError), match="TSS|vocabulary"):
         dta.tl.perturb_tss(a, no_tss[0], "chr1:1506:A>C", **kw)
     assert_unchanged(a, snap)
+
+
+def test_model_mode_restored_after_success_and_failure(tss_setup):
+    from sc_dta.tl._perturb_engine import PerturbSpec, run_perturbations
+
+    a, vocab, model, encoder, genome, expected = tss_setup
+    tokens = dta.pp.tokenize(a, vocab=vocab)
+    tid = vocab.token_id("ENSG00000000419")
+    model.train()
+    try:
+        dta.tl.perturb_gene(a, "ENSG00000000419", model=model, copy=True)
+        assert model.training
+        bad = PerturbSpec(kind="embedding", token_id=tid, dna_override=np.zeros(3, dtype=np.float32))  # wrong d_dna
+        with pytest.raises((ValueError, RuntimeError)):
+            run_perturbations(model, tokens.input_ids, [bad], special_ids=vocab.special_ids, cls_id=vocab.cls_id)
+        assert model.training
+    finally:
+        model.eval()

@@ -22,7 +22,15 @@ logger = logging.getLogger(__name__)
 
 PROG = "sc-dta"
 #: Exceptions reported as a one-line user error (exit status 2) rather than a traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 class CLIError(Exception):
@@ -605,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene", required=True, help="gene to perturb (Ensembl id or symbol)")
     p.add_argument("--kind", choices=["delete", "overexpress"], default="delete", help="perturbation")
     p.add_argument("--cells", default=None, help="only cells with OBS_KEY=VALUE[,VALUE]")
-    p.add_argument("--key-added", default="dta_shift_delete", help="layers/obs/var/uns key")
+    p.add_argument(
+        "--key-added", default=None, help="layers/obs/var/uns key (default: dta_shift_delete / dta_shift_overexpress)"
+    )
     _add_device(p)
 
     # rank

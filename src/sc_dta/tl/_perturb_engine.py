@@ -320,7 +320,8 @@ def run_perturbations(
                 for j, i in enumerate(batch)
                 if evaluable[k, i]
             ]
-            rows = [r for r in rows if r[1] is not None]
+            # a cell whose only gene token is the perturbed one has no affected gene: not evaluated
+            rows = [r for r in rows if r[1] is not None and len(r[1][1])]
             if not rows:
                 results.append(None)
                 continue
@@ -363,38 +364,39 @@ def run_perturbations(
     min_fill = MIN_FILL.get(device.type, MIN_FILL["default"])
     pos = 0
     bs = batch_size
-    # one outer autocast region: autocast keeps its cache of low-precision weight copies across batches
-    with (
-        torch.inference_mode(),
-        autocast(device),
-        tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
-    ):
-        while pos < len(order):
-            batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs, min_fill)]
-            try:
-                results = process(batch)
-            except oom:
-                if len(batch) == 1:
-                    raise
-                bs = max(1, len(batch) // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
-                continue
-            for k, res in enumerate(results):
-                if res is None:
+    try:
+        # one outer autocast region: autocast keeps its cache of low-precision weight copies across batches
+        with (
+            torch.inference_mode(),
+            autocast(device),
+            tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
+        ):
+            while pos < len(order):
+                batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs, min_fill)]
+                try:
+                    results = process(batch)
+                except oom:
+                    if len(batch) == 1:
+                        raise
+                    bs = max(1, len(batch) // 2)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
                     continue
-                rc, toks, sh, ec, ms, es = res
-                out_cell[k].append(rc.astype(np.int32))
-                out_tok[k].append(toks.astype(np.int32))
-                out_shift[k].append(sh)
-                cell_mean[k, ec] = ms
-                cell_embs[k, ec] = es
-                evaluated[k, ec] = True
-            pos += len(batch)
-            bar.update(len(batch))
-    if was_training:
-        model.train()
+                for k, res in enumerate(results):
+                    if res is None:
+                        continue
+                    rc, toks, sh, ec, ms, es = res
+                    out_cell[k].append(rc.astype(np.int32))
+                    out_tok[k].append(toks.astype(np.int32))
+                    out_shift[k].append(sh)
+                    cell_mean[k, ec] = ms
+                    cell_embs[k, ec] = es
+                    evaluated[k, ec] = True
+                pos += len(batch)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
 
     mode = "cls" if use_cls else "mean"
     final = []

@@ -392,6 +392,7 @@ def train_adapter(
                 save_checkpoint(epoch + 1, 0, _get_rng_state(mask_gen, cuda_devices))
         finally:
             bar.close()
+            bio.eval()
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
         elapsed = time.perf_counter() - t0
@@ -399,7 +400,6 @@ def train_adapter(
             logger.info("Trained on %d tokens in %.1f s (%.0f tokens/s).", n_tokens, elapsed, n_tokens / elapsed)
 
     bio.loss_history = prior_history + history
-    bio.eval()
     if out is not None:
         bio.save_pretrained(out / _MODEL_DIR)
     train_records = [h for h in history if "loss" in h]
