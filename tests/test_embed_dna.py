@@ -144,6 +144,22 @@ def test_tss_window_with_tss_deletion(genome_files, encoder):
         start = (t - 10) - tss_index  # the base after the deletion (old +11) takes the TSS index
         mut = tss_window(genome, g["chrom"], g["tss"], g["strand"], encoder, mutations=["delete:-10:+10"])
         assert mut == deleted[start : start + WINDOW]
+        # a single spec string or mutation object is one mutation, not a sequence of characters
+        assert tss_window(genome, g["chrom"], g["tss"], g["strand"], encoder, mutations="delete:-10:+10") == mut
+        one = dta.genome.parse_mutation("delete:-10:+10")
+        assert tss_window(genome, g["chrom"], g["tss"], g["strand"], encoder, mutations=one) == mut
+
+
+def test_unwritable_cache_does_not_lose_work(tmp_path, caplog):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    dta.settings.cache_dir = not_a_dir
+    enc = KmerEncoder(2, 40)
+    seqs = ["ACGT" * 10, "GGCC" * 10]
+    with caplog.at_level("WARNING", logger="sc_dta.tl._dna_cache"):
+        got = embed_windows(seqs, enc)
+    np.testing.assert_array_equal(got, enc.embed(seqs))
+    assert "not writable" in caplog.text
 
 
 def test_embed_dna_rows_match_encoder(genome_files, encoder):

@@ -362,7 +362,7 @@ def read_vcf(path: str | PathLike, sample: str | None = None) -> list[Variant]:
             if not line.strip():
                 continue
             fields = line.rstrip("\n").split("\t")
-            if len(fields) < 5:
+            if len(fields) < 8:
                 raise ValueError(f"read_vcf: {str(path)!r} line {lineno} has {len(fields)} columns, expected >= 8.")
             chrom, pos, _id, ref, alts = fields[:5]
             alt_list = alts.split(",")

@@ -248,7 +248,11 @@ def embed_windows(
                     f"encoder {encoder.name!r} returned shape {values.shape}, expected ({len(batch)}, {dim})."
                 )
             if store is not None:
-                store.put_many(batch, values)
+                try:
+                    store.put_many(batch, values)
+                except OSError as e:  # the cache is an optimisation: a read-only or full cache must not lose work
+                    logger.warning("DNA embedding cache not writable (%s); continuing without it.", e)
+                    store = None
             found.update(zip(batch, values, strict=True))
     out = np.empty((len(sequences), dim), dtype=np.float32)
     for i, key in enumerate(keys):
@@ -302,6 +306,8 @@ def tss_window(
     # Cut the window from one centred on the TSS itself, extended by |shift| on both sides: the TSS must land at
     # index window // 2 - shift. This also works when TSS + shift falls off the chromosome end.
     extended = window + 2 * abs(shift)
+    if isinstance(mutations, str) or (mutations is not None and not isinstance(mutations, list | tuple)):
+        mutations = [mutations]
     if mutations:
         seq = genome.mutated_window(chrom, int(tss), extended, strand, list(mutations), seed=seed)
     else:
