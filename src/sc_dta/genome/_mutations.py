@@ -333,7 +333,8 @@ def read_vcf(path: str | PathLike, sample: str | None = None) -> list[Variant]:
         A sample column. When given, only the alternative alleles that this sample's ``GT``
         carries (on either haplotype, e.g. ``0|1``, ``1/1``, ``1``) are returned, so applying them
         gives a sequence holding every alt allele of the sample. When None, every alternative
-        allele of every record is returned.
+        allele of every record is returned; the alleles of a multi-allelic record overlap, so apply
+        them one at a time (e.g. as separate mutations of :func:`sc_dta.tl.perturb_tss`), not together.
 
     Returns
     -------
