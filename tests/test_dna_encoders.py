@@ -140,9 +140,26 @@ def test_bad_inputs(model):
         enc.embed(["A" * enc.window, "ACGTA"])
     with pytest.raises(ValueError, match="batch_size"):
         enc.embed(["A" * enc.window], batch_size=0)
-    with pytest.raises(ValueError, match="target_length=-1"):
-        EnformerEncoder(small_enformer(target_length=-1))
     assert EnformerEncoder(small_enformer(target_length=-1), window=64).window == 64
+
+
+def test_uncropped_enformer_without_window():
+    """target_length=-1 has no native length: the encoder is built, and the window is asked for at embed time."""
+    model = small_enformer(target_length=-1)
+    enc = EnformerEncoder(model)
+    assert enc.window is None and enc.dim == 96
+    assert "window=None" in repr(enc)
+    with pytest.raises(ValueError, match=r"target_length=-1.*embed_dna\(window=\.\.\.\)"):
+        enc.embed(["A" * 64])
+    with pytest.raises(ValueError, match=r"embed_dna\(window=\.\.\.\)"):
+        enc.center_shift  # noqa: B018
+    sized = enc.with_window(16 * BIN)
+    assert sized.window == 16 * BIN and sized.model is model and sized.center_shift == -BIN // 2
+    seqs = random_seqs(3, 16 * BIN, seed=4)
+    # reference: enformer-pytorch's own (uncropped) trunk, the bin holding the TSS
+    np.testing.assert_allclose(sized.embed(seqs), full_trunk(model, seqs)[:, 8], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the bin size 8"):
+        enc.with_window(100)
 
 
 def test_weights_id(model):

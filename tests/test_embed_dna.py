@@ -187,6 +187,39 @@ def test_embed_dna_rows_match_encoder(genome_files, encoder):
     assert "date" in params and "precision=float32" in params["encoder_tag"]
 
 
+def test_uncropped_enformer_window_from_embed_dna(genome_files):
+    """An Enformer built with target_length=-1 has no native window: embed_dna(window=...) supplies it."""
+    fasta, _, expected = genome_files
+    torch.manual_seed(3)
+    model = Enformer.from_hparams(
+        dim=48, depth=1, heads=2, target_length=-1, num_downsamples=3, dim_divisible_by=8, output_heads={"human": 4}
+    ).eval()
+    encoder = EnformerEncoder(model)
+    adata = tss_adata(expected)
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=r"no window of its own.*embed_dna\(window=\.\.\.\)"):
+        dta.tl.embed_dna(adata, genome=fasta, encoder=encoder)
+    assert_unchanged(adata, before)
+
+    dta.tl.embed_dna(adata, genome=fasta, encoder=encoder, window=WINDOW)
+    assert adata.uns["dna_emb"]["params"]["window"] == WINDOW
+    assert adata.uns["dna_emb"]["params"]["center_shift"] == -4
+    # reference: enformer-pytorch's full uncropped trunk on hand-cut windows, the TSS bin (32 bins -> bin 16)
+    tss_index = WINDOW // 2 + 4
+    ids = expected["gene_ids"]
+    windows = [
+        window_by_hand(expected["sequences"], g["chrom"], g["tss"], g["strand"], WINDOW, tss_index)
+        for g in (expected["genes"][i] for i in ids)
+    ]
+    table = {"A": [1, 0, 0, 0], "C": [0, 1, 0, 0], "G": [0, 0, 1, 0], "T": [0, 0, 0, 1]}
+    x = torch.tensor([[table.get(b.upper(), [0] * 4) for b in w] for w in windows], dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(x, return_only_embeddings=True)[:, 16].numpy()
+    got = adata.varm["dna_emb"][[adata.var_names.get_loc(i) for i in ids]]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert encoder.window is None  # the caller's encoder is not modified
+
+
 def test_genes_subset_kmer_window_override_and_h5ad(genome_files, tmp_path):
     fasta, _, expected = genome_files
     adata = tss_adata(expected)

@@ -198,6 +198,12 @@ def native_window(model: Enformer) -> int:
     return n * bin_size
 
 
+def _has_native_window(model: Enformer) -> bool:
+    """Whether the model has a native input length (it crops to a positive ``target_length``)."""
+    target = model.config.target_length
+    return target is not None and target > 0
+
+
 class EnformerEncoder:
     """Enformer trunk embedding of the bins at the TSS.
 
@@ -225,7 +231,10 @@ class EnformerEncoder:
         It is put in eval mode and moved to the compute device by :meth:`embed`.
     window
         Input length in bp; any positive multiple of ``2 ** config.num_downsamples`` (the bin size). Default: the
-        model's native input length (196,608 bp for the official model; see :func:`native_window`).
+        model's native input length (196,608 bp for the official model; see :func:`native_window`). A model built
+        with ``target_length=-1`` (no crop) has no native length: the encoder is then created without a window
+        (:attr:`window` is ``None``) and ``sc_dta.tl.embed_dna(..., window=W)`` or :meth:`with_window` supplies
+        it; embedding before that raises a :class:`ValueError`.
     n_bins
         Number of trunk bins around the TSS to average.
     name
@@ -253,6 +262,16 @@ class EnformerEncoder:
         n_bins = int(n_bins)
         self.model = model
         self.bin_size = 2**model.config.num_downsamples
+        self.n_bins = n_bins
+        self.name = "enformer" if name is None else str(name)
+        self._weights_id = weights_id
+        self.dim = 2 * model.config.dim
+        if window is None and not _has_native_window(model):
+            # Uncropped model: no native length. The window comes later (embed_dna(window=...) / with_window).
+            self.window: int | None = None
+            self._geometry: _Pooling | None = None
+            self.use_tf_gamma = False
+            return
         window = native_window(model) if window is None else window
         if isinstance(window, numbers.Integral) and not isinstance(window, bool):
             window = int(window)
@@ -262,11 +281,7 @@ class EnformerEncoder:
                 f"(2 ** num_downsamples)."
             )
         self.window = window
-        self.n_bins = n_bins
         self._geometry = _pooling_geometry(window, self.bin_size, n_bins)
-        self.name = "enformer" if name is None else str(name)
-        self._weights_id = weights_id
-        self.dim = 2 * model.config.dim
         self.use_tf_gamma = self._tf_gamma_requested() and self._geometry.n_total_bins == TF_GAMMA_BINS
         if self._tf_gamma_requested() and not self.use_tf_gamma:
             logger.warning(
@@ -279,10 +294,21 @@ class EnformerEncoder:
             )
 
     # -- protocol attributes ------------------------------------------------------------------------------------
+    def _require_window(self) -> _Pooling:
+        """Return the pooling geometry; raise a clear error for an uncropped model that was given no window."""
+        if self._geometry is None:
+            raise ValueError(
+                f"EnformerEncoder {self.name!r} has no window: its Enformer was built with target_length=-1 (no "
+                "crop), so it has no native input length. Pass the window in bp to sc_dta.tl.embed_dna(window=...) "
+                f"(or EnformerEncoder(model, window=...) / encoder.with_window(...)); it must be a positive multiple "
+                f"of the bin size {self.bin_size} bp."
+            )
+        return self._geometry
+
     @property
     def center_shift(self) -> int:
         """Distance in bp from the TSS to the window centre (window index ``window // 2``), in transcription orientation."""
-        return self._geometry.center_shift
+        return self._require_window().center_shift
 
     @property
     def pooling(self) -> str:
@@ -299,12 +325,13 @@ class EnformerEncoder:
     @property
     def tss_bins(self) -> tuple[int, int]:
         """First and last (inclusive) pooled bin on the uncropped trunk of ``window // bin_size`` bins."""
-        return self._geometry.first_bin, self._geometry.last_bin
+        geometry = self._require_window()
+        return geometry.first_bin, geometry.last_bin
 
     @property
     def tss_index(self) -> int:
         """Index of the TSS base inside the transcription-oriented window."""
-        return self._geometry.tss_index
+        return self._require_window().tss_index
 
     def cache_tag(self, device: str | torch.device | None = None) -> str:
         """Describe the settings besides the weights that change the numbers (positional features, precision)."""
@@ -318,9 +345,10 @@ class EnformerEncoder:
         )
 
     def __repr__(self) -> str:
+        shift = None if self._geometry is None else self.center_shift
         return (
             f"EnformerEncoder(name={self.name!r}, window={self.window}, n_bins={self.n_bins}, dim={self.dim}, "
-            f"center_shift={self.center_shift}, use_tf_gamma={self.use_tf_gamma})"
+            f"center_shift={shift}, use_tf_gamma={self.use_tf_gamma})"
         )
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -444,6 +472,7 @@ class EnformerEncoder:
         -------
         float32 array of shape ``(len(sequences), dim)``.
         """
+        self._require_window()
         sequences = list(sequences)
         codes = encode_bases(sequences, length=self.window)
         n = len(sequences)

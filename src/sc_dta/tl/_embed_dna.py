@@ -44,8 +44,22 @@ def _as_genome(genome: Genome | str | PathLike | Sequence[str | PathLike]) -> Ge
 
 
 def _resolve_encoder(encoder: DNAEncoder, window: int | None) -> DNAEncoder:
+    """Return the encoder to embed with: ``encoder`` itself, or its copy with ``window`` bp windows.
+
+    An encoder without a window of its own (``encoder.window is None``, e.g. an
+    :class:`~sc_dta.models.EnformerEncoder` of an uncropped Enformer) needs ``window``.
+    """
     from sc_dta.models.dna import DNAEncoder
 
+    own_window = getattr(encoder, "window", None)
+    if own_window is None and hasattr(encoder, "with_window"):
+        if window is None:
+            name = getattr(encoder, "name", type(encoder).__name__)
+            raise ValueError(
+                f"encoder {name!r} has no window of its own (e.g. an Enformer built with target_length=-1, no "
+                "crop); pass the window length in bp as embed_dna(window=...)."
+            )
+        encoder = encoder.with_window(window)
     if not isinstance(encoder, DNAEncoder):
         raise TypeError(
             f"encoder must implement sc_dta.models.DNAEncoder (name, weights_id, window, dim, center_shift, "
@@ -117,6 +131,8 @@ def embed_dna(
         A DNA encoder, e.g. :class:`sc_dta.models.EnformerEncoder` or :class:`sc_dta.models.KmerEncoder`.
     window
         Window length in bp, overriding ``encoder.window`` (only for encoders with a ``with_window`` method).
+        Required when the encoder has no window of its own, e.g. ``EnformerEncoder(model)`` for an Enformer built
+        with ``target_length=-1`` (no crop, hence no native input length).
     genes
         Subset of ``adata.var_names`` to embed; the other rows are NaN. Default: all genes.
     key_added
@@ -147,7 +163,8 @@ def embed_dna(
     KeyError
         Missing TSS columns, ``genes`` not in ``var_names``, or TSS chromosomes absent from the genome.
     ValueError
-        A ``window`` the encoder cannot use, a strand other than ``+``/``-``, or a TSS beyond its chromosome.
+        A ``window`` the encoder cannot use, no ``window`` for an encoder without one, a strand other than
+        ``+``/``-``, or a TSS beyond its chromosome.
     """
     data = adata.copy() if copy else adata
     ad = get_anndata(data, mod)
