@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -168,3 +169,57 @@ def test_rerun_overwrites(data):
     dta.pp.annotate_tss(adata, gtf)
     pd.testing.assert_frame_equal(adata.var[COLUMNS], first)
     assert np.array_equal(adata.var["tss_pos"].isna().to_numpy(), [False] * 6 + [True])
+
+
+def test_no_gene_matched_raises_with_hint(data):
+    gtf, expected = data
+    adata = make_test_adata(expected)
+    adata.var_names = [f"g{i}" for i in range(adata.n_vars)]  # neither ids nor symbols; symbols sit in a column
+    before_var, before_uns = adata.var.copy(), dict(adata.uns)
+    with pytest.raises(ValueError, match="none of the 7 genes matched") as err:
+        dta.pp.annotate_tss(adata, gtf)
+    msg = str(err.value)
+    assert "adata.var_names look like 'g0', 'g1', 'g2'" in msg
+    assert "'ENSG00000000003'" in msg and "'TSPAN6'" in msg  # what the GTF holds
+    assert "version suffix" in msg and "symbol" in msg
+    assert "adata.var['gene_symbols'] would match 6 of 7 genes: pass gene_id_key='gene_symbols'" in msg
+    pd.testing.assert_frame_equal(adata.var, before_var)
+    assert dict(adata.uns) == before_uns
+    # the suggested column really works
+    dta.pp.annotate_tss(adata, gtf, gene_id_key="gene_symbols")
+    _check(adata, expected, expected["gene_ids"] + [None])
+
+
+def test_no_gene_matched_versioned_table_and_wrong_key(data):
+    gtf, expected = data
+    table = read_tss(gtf)
+    table.index = [f"{g}.7" for g in table.index]
+    table["gene_name"] = [f"X{i}" for i in range(len(table))]
+    adata = make_test_adata(expected)
+    with pytest.raises(ValueError, match="GTF table's gene ids carry versions"):
+        dta.pp.annotate_tss(adata, table)
+    # gene_id_key naming a column without ids (var_names hold the Ensembl ids): the hint says to drop the key
+    adata.var["junk"] = [f"j{i}" for i in range(adata.n_vars)]
+    with pytest.raises(ValueError, match="none of the 7 genes") as err:
+        dta.pp.annotate_tss(adata, gtf, gene_id_key="junk")
+    assert "adata.var['junk'] look like 'j0'" in str(err.value)
+    assert "adata.var_names would match 6 of 7 genes: leave gene_id_key=None" in str(err.value)
+
+
+def test_few_genes_matched_warns(data, caplog):
+    gtf, expected = data
+    extra = tuple(f"ENSG0000099999{i}" for i in range(7))
+    adata = make_test_adata(expected, extra_genes=extra)  # 6 of 13 match
+    with pytest.warns(UserWarning, match=r"only 6 of 13 genes \(46%\) matched") as record:
+        dta.pp.annotate_tss(adata, gtf)
+    msg = str(record[0].message)
+    assert "the other 7 get no TSS" in msg and "gene_id_key" in msg and "version suffix" in msg
+    _check(adata, expected, list(expected["gene_ids"]) + [None] * 7)  # still annotated
+    assert adata.uns["tss"]["params"]["n_matched"] == 6
+    # exactly half matched: only the usual log line, no UserWarning
+    half = make_test_adata(expected, extra_genes=extra[:6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.WARNING, logger="sc_dta"):
+            dta.pp.annotate_tss(half, gtf)
+    assert "6 of 12 genes have no TSS" in caplog.text
