@@ -21,7 +21,6 @@ def _smoke_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         {
             "SC_DTA_SMOKE": "1",
-            "MPLBACKEND": "Agg",
             "SC_DTA_PROGRESS": "0",
             "SC_DTA_DEVICE": "cpu",
             "SC_DTA_CACHE_DIR": str(tmp_path / "cache"),
@@ -44,19 +43,24 @@ def test_notebook_runs_in_smoke_mode(name: str, tmp_path: Path, monkeypatch: pyt
     pytest.importorskip("ipykernel")
 
     nb = nbformat.read(TUTORIALS / name, as_version=4)
-    # The kernel inherits the environment of this process; set it for the kernel only.
+    # The kernel inherits the environment of this process; set it for the kernel only. No MPLBACKEND: ipykernel then
+    # draws figures inline, as in Jupyter and in the docs build, so that the figures can be checked below.
     for key, value in _smoke_env(tmp_path).items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    # The notebook's own folder, as when it is run in place: nothing may be written there.
+    cwd = tmp_path / "notebook_dir"
+    cwd.mkdir()
     client = nbclient.NotebookClient(
         nb,
         timeout=CELL_TIMEOUT,
         kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
+        resources={"metadata": {"path": str(cwd)}},
         allow_errors=False,
     )
     t0 = time.perf_counter()
     try:
-        client.execute(cwd=str(tmp_path))
+        client.execute(cwd=str(cwd))
     except nbclient.exceptions.CellExecutionError as e:  # pragma: no cover - the failure message is the point
         pytest.fail(f"{name}: a cell failed in smoke mode:\n{e}")
     elapsed = time.perf_counter() - t0
@@ -66,7 +70,13 @@ def test_notebook_runs_in_smoke_mode(name: str, tmp_path: Path, monkeypatch: pyt
     assert code_cells and all(c.get("execution_count") for c in code_cells), "not every code cell was executed"
     errors = [o for c in code_cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    RESULT_CHECKS[name](tmp_path)
+    left = sorted(p.relative_to(cwd).as_posix() for p in cwd.rglob("*"))
+    assert not left, f"{name} wrote into the folder it ran in (write under dta.settings.cache_dir instead): {left}"
+    # What the rendered page shows: at least one figure and one table.
+    data = [o.get("data", {}) for c in code_cells for o in c.get("outputs", [])]
+    assert sum("image/png" in d for d in data) >= 1, f"{name}: no figure among the outputs"
+    assert any('class="dataframe"' in "".join(d.get("text/html", "")) for d in data), f"{name}: no table in outputs"
+    RESULT_CHECKS[name](tmp_path / "cache" / "tutorials")
 
 
 def _check_shift(adata, key: str, gene_id: str, *, min_max_shift: float = 0.0) -> None:
@@ -96,10 +106,11 @@ def _check_shift(adata, key: str, gene_id: str, *, min_max_shift: float = 0.0) -
     assert adata.uns[key]["ranking"]["table"].shape[0] == measured.sum()
 
 
-def _check_quickstart(tmp_path: Path) -> None:
+def _check_quickstart(outputs: Path) -> None:
+    """The files the quick start wrote under ``dta.settings.cache_dir / "tutorials"``."""
     import anndata as ad
 
-    adata = ad.read_h5ad(tmp_path / "quickstart_out" / "quickstart.h5ad")
+    adata = ad.read_h5ad(outputs / "quickstart_out" / "quickstart.h5ad")
     tf = adata.var_names[adata.var["sim_role"] == "tf"][0]
     assert adata.varm["dna_emb"].shape == (adata.n_vars, 256)  # 4-mer spectrum
     for key, min_shift in (("dta_shift", 0.0), ("dta_shift_delete", 1e-4)):
@@ -107,15 +118,16 @@ def _check_quickstart(tmp_path: Path) -> None:
         evaluated = adata.obs[f"{key}_evaluated"].to_numpy(dtype=bool)
         assert (adata.obs["cell_type"][evaluated] == "cardiomyocyte").all()
     assert adata.uns["dta_shift"]["params"]["mutation"] == "delete:-150:+50"
-    assert (tmp_path / "quickstart_out" / "target_shift.png").stat().st_size > 0
+    assert (outputs / "quickstart_out" / "target_shift.png").stat().st_size > 0
 
 
-def _check_fetal(tmp_path: Path) -> None:
+def _check_fetal(outputs: Path) -> None:
+    """The files the fetal cardiomyocyte study wrote under ``dta.settings.cache_dir / "tutorials"``."""
     import anndata as ad
     import numpy as np
     import pandas as pd
 
-    out = tmp_path / "fetal_cardiomyocytes_out"
+    out = outputs / "fetal_cardiomyocytes_out"
     adata = ad.read_h5ad(out / "fetal_cardiomyocytes_dta.h5ad")
     tf = adata.var_names[adata.var["sim_role"] == "tf"][0]
     for key, min_shift in (("dta_tss_0", 0.0), ("dta_tss_1", 0.0), ("dta_shift_delete", 1e-4)):
