@@ -35,7 +35,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 import sc_dta as dta
 from sc_dta.models import BioDTA, GeneformerVocab
-from sc_dta.tl._train import _Masker
+from sc_dta.tl._trainer import Masker as _Masker
 
 DATA = Path(os.environ.get("SC_DTA_GENEFORMER_DATA", Path(__file__).resolve().parents[2] / "shared/data/geneformer"))
 D_DNA = 3072

@@ -106,7 +106,7 @@ def test_training_lowers_masked_gene_loss(tmp_path):
     model = small_model(vocab)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     model = dta.tl.train_adapter(
-        adata, model, epochs=13, batch_size=8, lr=1e-2, freeze_backbone=False, val_fraction=0.1, seed=0
+        adata, model, epochs=13, batch_size=8, lr=1e-2, val_fraction=0.1, seed=0, early_stopping=None
     )
     rec = adata.uns["train_adapter"]
     assert rec["loss"].size == 13 * 23  # 180 training cells, batches of 8
@@ -132,12 +132,21 @@ def test_training_lowers_masked_gene_loss(tmp_path):
     # 2) a new adapter on the trained backbone: frozen backbone, the adapter alone learns the token embeddings.
     # Its starting validation loss: one epoch at a negligible learning rate (same validation masks, seed=1)
     dta.tl.train_adapter(
-        adata, BioDTA(model.backbone, vocab, d_dna=D_DNA), lr=1e-12, batch_size=8, val_fraction=0.1, seed=1
+        adata,
+        BioDTA(model.backbone, vocab, d_dna=D_DNA),
+        epochs=1,
+        lr=1e-12,
+        batch_size=8,
+        val_fraction=0.1,
+        seed=1,
+        freeze_backbone=True,
     )
     start_val = adata.uns["train_adapter"]["val_loss"][0]
     fresh = BioDTA(model.backbone, vocab, d_dna=D_DNA)
     backbone_before = {k: v.clone() for k, v in fresh.backbone.state_dict().items()}
-    fresh = dta.tl.train_adapter(adata, fresh, epochs=8, batch_size=8, lr=1e-2, val_fraction=0.1, seed=1)
+    fresh = dta.tl.train_adapter(
+        adata, fresh, epochs=8, batch_size=8, lr=1e-2, val_fraction=0.1, seed=1, freeze_backbone=True
+    )
     rec2 = adata.uns["train_adapter"]
     for k, v in fresh.backbone.state_dict().items():
         assert torch.equal(v, backbone_before[k]), k
@@ -150,21 +159,25 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     vocab = sim_vocab(adata.var_names)
     kwargs = {
         "epochs": 2, "batch_size": 4, "lr": 5e-3, "freeze_backbone": False, "val_fraction": 0.1, "seed": 7,
-        "accumulation_steps": 2, "adapter_dropout": 0.2,
+        "accumulation_steps": 2,
     }  # fmt: skip
-    full = dta.tl.train_adapter(adata, small_model(vocab), output_dir=tmp_path / "full", **kwargs)
+    full = dta.tl.train_adapter(adata, small_model(vocab, adapter_dropout=0.2), output_dir=tmp_path / "full", **kwargs)
     n_steps = adata.uns["train_adapter"]["loss"].size
     assert n_steps == 2 * 7  # 54 training cells -> 14 batches -> 7 optimiser steps per epoch
 
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        dta.tl.train_adapter(adata, small_model(vocab), output_dir=out, _stop_after_steps=9, **kwargs)
+        dta.tl.train_adapter(
+            adata, small_model(vocab, adapter_dropout=0.2), output_dir=out, _stop_after_steps=9, **kwargs
+        )
     assert (out / "checkpoint" / "trainer_state.pt").exists()
     assert "train_adapter" not in adata.uns or adata.uns["train_adapter"]["loss"].size == n_steps
     # the checkpoint is a loadable model
     part = BioDTA.from_pretrained(out / "checkpoint" / "model")
     assert len([h for h in part.loss_history if "loss" in h]) == 9
-    resumed = dta.tl.train_adapter(adata, small_model(vocab, seed=99), output_dir=out, resume=True, **kwargs)
+    resumed = dta.tl.train_adapter(
+        adata, small_model(vocab, seed=99, adapter_dropout=0.2), output_dir=out, resume=True, **kwargs
+    )
     full_state, res_state = full.state_dict(), resumed.state_dict()
     assert full_state.keys() == res_state.keys()
     for k in full_state:
@@ -172,7 +185,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert [h.get("loss") for h in resumed.loss_history] == [h.get("loss") for h in full.loss_history]
     # Ctrl-C in the middle of an accumulation group (during a forward pass): resumes from the group's start
     out2 = tmp_path / "run2"
-    model = small_model(vocab)
+    model = small_model(vocab, adapter_dropout=0.2)
     calls = []
 
     def interrupt(module, inputs, output):
@@ -184,12 +197,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         dta.tl.train_adapter(adata, model, output_dir=out2, **kwargs)
     assert len([h for h in BioDTA.from_pretrained(out2 / "checkpoint" / "model").loss_history if "loss" in h]) == 2
-    resumed2 = dta.tl.train_adapter(adata, small_model(vocab), output_dir=out2, resume=True, **kwargs)
+    resumed2 = dta.tl.train_adapter(
+        adata, small_model(vocab, adapter_dropout=0.2), output_dir=out2, resume=True, **kwargs
+    )
     for k, v in resumed2.state_dict().items():
         assert torch.equal(full_state[k], v), k
     # changed settings are refused
     with pytest.raises(ValueError, match="other settings"):
-        dta.tl.train_adapter(adata, small_model(vocab), output_dir=out, resume=True, **{**kwargs, "lr": 1e-3})
+        dta.tl.train_adapter(
+            adata, small_model(vocab, adapter_dropout=0.2), output_dir=out, resume=True, **{**kwargs, "lr": 1e-3}
+        )
     # and the final model was saved
     again = BioDTA.from_pretrained(out / "model")
     for k, v in again.state_dict().items():
@@ -283,7 +300,7 @@ def test_bad_arguments():
 
 
 def test_masking_follows_bert_recipe():
-    from sc_dta.tl._train import _Masker
+    from sc_dta.tl._trainer import Masker as _Masker
 
     vocab = sim_vocab([f"G{i}" for i in range(500)], max_length=512)
     special = np.asarray(vocab.special_ids)
@@ -318,7 +335,7 @@ def test_masking_follows_bert_recipe():
 
 
 def test_length_grouped_batches():
-    from sc_dta.tl._train import _length_grouped_batches
+    from sc_dta.tl._trainer import length_grouped_batches as _length_grouped_batches
 
     lengths = np.random.default_rng(0).integers(1, 1000, 1000)
     cells = np.arange(1000)

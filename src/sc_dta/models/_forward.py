@@ -115,3 +115,54 @@ def contextual_embeddings(
         out: Any = layer(hidden, attention_mask=mask)
         hidden = out[0] if isinstance(out, tuple | list) else out
     return hidden
+
+
+def masked_log_probs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    select: torch.Tensor,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked-LM log-probabilities over the vocabulary at the ``select`` positions only.
+
+    Runs the full encoder and the masked-LM head on the selected positions (the head's vocabulary-sized
+    output is never built for the other positions).
+
+    Parameters
+    ----------
+    model
+        A :class:`transformers.BertForMaskedLM` or a :class:`~sc_dta.models.BioDTA`.
+    input_ids
+        ``(batch, seq)`` token ids (right-padded).
+    attention_mask
+        ``(batch, seq)`` 1 for real tokens, 0 for padding; None means no padding.
+    select
+        ``(batch, seq)`` booleans: the positions to predict (usually those holding ``<mask>``).
+    inputs_embeds
+        Input embeddings used instead of looking up ``input_ids`` (e.g. a BioDTA's with DNA overrides).
+    exclude
+        ``(vocab,)`` booleans: tokens given probability 0 (the others are renormalised), e.g. special tokens.
+
+    Returns
+    -------
+    ``(n_selected, vocab)`` float32 log-probabilities, rows in row-major order of ``select``.
+    """
+    inner = getattr(model, "backbone", model)
+    if not hasattr(inner, "cls"):
+        raise TypeError(f"model: a masked-LM readout needs a BertForMaskedLM head, got {type(inner).__name__}.")
+    if inputs_embeds is None and hasattr(model, "embed_tokens") and hasattr(model, "backbone"):
+        inputs_embeds = model.embed_tokens(input_ids)
+    bert = backbone_bert(model)
+    if inputs_embeds is not None:
+        out = bert(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=False, return_dict=True
+        )
+    else:
+        out = bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False, return_dict=True)
+    logits = inner.cls(out.last_hidden_state[select]).float()
+    if exclude is not None:
+        logits = logits.masked_fill(exclude[None, : logits.shape[1]], float("-inf"))
+    return torch.log_softmax(logits, dim=-1)

@@ -1,13 +1,12 @@
-"""``tl.train_adapter``: continued masked-gene pretraining of a BioDTA (adapter, optionally backbone)."""
+"""``tl.train_adapter``: masked-gene training of a BioDTA (adapter, and the backbone when it is not pretrained)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-import random
-import shutil
 import time
-from collections.abc import Sequence
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,6 +14,18 @@ import numpy as np
 
 from sc_dta._settings import settings
 from sc_dta._utils import autocast, get_anndata, progress, resolve_device
+from sc_dta.tl import _checkpoint as ckpt_io
+from sc_dta.tl._padding import pad_tokens
+from sc_dta.tl._trainer import (
+    Masker,
+    context_gain,
+    held_out_loss,
+    length_grouped_batches,
+    linear_warmup_decay,
+    masked_batches,
+    shuffled_context,
+    train_mode,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT_DIR = "checkpoint"
-_MODEL_DIR = "model"
-_STATE_FILE = "trainer_state.pt"
-_MEGA_BATCH = 50  # batches per length-sorted group of the sampler (as in transformers' LengthGroupedSampler)
 # run settings a resumed run must share with the interrupted one
 _RESUME_KEYS = (
     "seed",
@@ -41,9 +48,20 @@ _RESUME_KEYS = (
     "freeze_backbone",
     "weight_decay",
     "warmup_ratio",
+    "early_stopping",
     "n_train_cells",
     "n_val_cells",
 )
+#: Default budget: about this many cell passes (epochs = passes / training cells), within the bounds below.
+TARGET_CELL_PASSES = 60_000
+MIN_EPOCHS, MAX_EPOCHS = 5, 100
+#: Context gain (nats per masked gene) under which train_adapter warns that no dependency was learned.
+MIN_CONTEXT_GAIN = 0.02
+
+
+def default_epochs(n_train_cells: int) -> int:
+    """Epochs of the default budget: ``TARGET_CELL_PASSES / n_train_cells`` within [MIN_EPOCHS, MAX_EPOCHS]."""
+    return int(np.clip(math.ceil(TARGET_CELL_PASSES / max(1, n_train_cells)), MIN_EPOCHS, MAX_EPOCHS))
 
 
 def train_adapter(
@@ -51,12 +69,13 @@ def train_adapter(
     model: BioDTA | BertForMaskedLM,
     *,
     dna_key: str = "dna_emb",
-    epochs: int = 1,
+    epochs: int | None = None,
     batch_size: int | None = None,
     lr: float = 1e-3,
     mask_prob: float = 0.15,
-    freeze_backbone: bool = True,
-    val_fraction: float = 0.05,
+    freeze_backbone: bool | None = None,
+    early_stopping: int | None = 3,
+    val_fraction: float = 0.1,
     output_dir: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -68,23 +87,28 @@ def train_adapter(
     layer: str | None = None,
     gene_id_key: str | None = None,
     max_length: int | None = None,
-    mode: Literal["replace", "add"] = "replace",
-    adapter_layers: int = 2,
+    mode: Literal["replace", "add"] | None = None,
+    adapter_layers: int | None = None,
     adapter_hidden: int | None = None,
-    adapter_dropout: float = 0.1,
+    adapter_dropout: float | None = None,
     key_added: str = "train_adapter",
     mod: str = "rna",
     _stop_after_steps: int | None = None,
 ) -> BioDTA:
-    """Train the DNA adapter of a BioDTA with Geneformer's masked-gene objective.
+    """Train a BioDTA with Geneformer's masked-gene objective and check that it learned gene–gene dependencies.
 
     Cells are tokenized for the model (:func:`sc_dta.pp.tokenize`), genes with a DNA embedding in
     ``adata.varm[dna_key]`` take their input embedding from the adapter, and the model learns to predict
-    masked genes from the rest of each cell: 15% of the gene tokens (never ``<pad>``, ``<cls>``,
-    ``<eos>``; at least one per cell) are chosen, 80% of them replaced by ``<mask>``, 10% by a random
-    gene token and 10% left unchanged, as in BERT / Geneformer pretraining. AdamW with linear warm-up
-    and linear decay, gradient accumulation, batches grouped by length, a validation loss after every
-    epoch, and (with ``output_dir``) a checkpoint after every epoch and when interrupted (Ctrl-C).
+    masked genes from the rest of each cell: ``mask_prob`` of the gene tokens (at least one per cell) are
+    chosen, 80% of them replaced by ``<mask>``, 10% by a random gene and 10% left unchanged (BERT /
+    Geneformer). AdamW with linear warm-up and decay, gradient accumulation, batches grouped by length.
+
+    After every epoch the loss on held-out cells (``val_fraction``; every chosen gene replaced by ``<mask>``,
+    so copying the input earns nothing) is measured; with ``early_stopping`` training stops when it has not
+    improved for that many epochs and the best weights are restored. At the end the *context gain* is
+    measured on the held-out cells: the masked-gene log-likelihood with the real context minus with a
+    context whose visible genes are drawn at random from the gene frequencies. A gain near 0 means the model
+    predicts genes from their frequency alone, so perturbations can only return noise: a warning says so.
 
     Parameters
     ----------
@@ -92,13 +116,15 @@ def train_adapter(
         Raw counts (``X`` or ``layer``) with DNA embeddings in ``varm[dna_key]`` (e.g. from
         :func:`sc_dta.tl.embed_dna`; NaN rows = genes without a DNA embedding).
     model
-        A :class:`~sc_dta.models.BioDTA` (trained further, in place), or a Geneformer ``BertForMaskedLM``
-        (e.g. from :func:`~sc_dta.models.load_geneformer`) which is wrapped into a new BioDTA with an
-        adapter sized from ``varm[dna_key]``.
+        A :class:`~sc_dta.models.BioDTA` (trained further, in place; e.g. from
+        :meth:`BioDTA.from_adata <sc_dta.models.BioDTA.from_adata>`), or a Geneformer ``BertForMaskedLM``
+        (e.g. from :func:`~sc_dta.models.load_geneformer`) which is wrapped into a new BioDTA with an adapter
+        sized from ``varm[dna_key]``.
     dna_key
         Key of the DNA embeddings in ``adata.varm``.
     epochs
-        Passes over the training cells.
+        Passes over the training cells; default :func:`default_epochs` (about 60,000 cell passes, 5 to 100
+        epochs), cut short by ``early_stopping``.
     batch_size
         Cells per micro-batch; default ``dta.settings.batch_size_cells``.
     lr
@@ -106,16 +132,18 @@ def train_adapter(
     mask_prob
         Fraction of gene tokens to predict.
     freeze_backbone
-        Train the adapter only (default). ``False`` trains backbone and adapter together, e.g. a small
-        model from :meth:`BioDTA.from_config <sc_dta.models.BioDTA.from_config>` from scratch.
+        Train the adapter only. Default: frozen for a pretrained backbone (Geneformer), trained for one built
+        from the cells (:meth:`~sc_dta.models.BioDTA.from_adata`, :meth:`~sc_dta.models.BioDTA.from_config`).
+    early_stopping
+        Patience in epochs on the held-out loss (None: train all epochs, keep the last weights).
     val_fraction
-        Fraction of cells held out for the validation loss (0 = none).
+        Fraction of cells held out for the held-out loss and the context gain (0 = none).
     output_dir
         Folder for checkpoints (``checkpoint/``, rewritten every epoch and on interruption) and the final
         model (``model/``, :meth:`BioDTA.save_pretrained <sc_dta.models.BioDTA.save_pretrained>`).
     resume
-        Continue from the checkpoint in ``output_dir``: weights, optimiser, scheduler, random states and
-        step are restored, so the result equals an uninterrupted run with the same arguments.
+        Continue from the checkpoint in ``output_dir``: weights, optimiser, scheduler, random states, step and
+        early-stopping state are restored, so the result equals an uninterrupted run with the same arguments.
     seed
         Seed of the adapter initialisation, the validation split, batch order, masking and dropout. The
         caller's global random states are left as they were.
@@ -129,12 +157,16 @@ def train_adapter(
         Fraction of the optimiser steps with a linear warm-up.
     max_grad_norm
         Gradient clipping norm (None = no clipping).
-    layer, gene_id_key, max_length
+    layer, gene_id_key
         Passed to :func:`sc_dta.pp.tokenize`.
+    max_length
+        Tokens per cell (default the model vocabulary's ``max_length``); stored in the returned model's
+        vocabulary, so perturbations tokenize the same way.
     mode, adapter_layers, adapter_hidden, adapter_dropout
-        Adapter settings when ``model`` is a plain backbone (see :class:`~sc_dta.models.BioDTA`).
+        Adapter settings when ``model`` is a plain backbone (see :class:`~sc_dta.models.BioDTA`); an error with a
+        BioDTA, whose adapter already exists.
     key_added
-        Key in ``adata.uns`` for the parameters and loss history.
+        Key in ``adata.uns`` for the parameters, loss history and diagnostics.
     mod
         Modality of a MuData.
 
@@ -142,7 +174,7 @@ def train_adapter(
     -------
     The trained :class:`~sc_dta.models.BioDTA` in eval mode, its ``loss_history`` extended, and writes
     ``adata.uns[key_added]``: ``params``, ``step``, ``loss``, ``lr`` (per optimiser step), ``val_epoch``,
-    ``val_loss``.
+    ``val_loss``, ``best_epoch``, ``context_gain``, ``loss_real_context``, ``loss_shuffled_context``.
     """
     import torch
 
@@ -151,25 +183,39 @@ def train_adapter(
 
     adata = get_anndata(adata, mod)
     _check_args(epochs, batch_size, lr, mask_prob, val_fraction, accumulation_steps, warmup_ratio, resume, output_dir)
+    if early_stopping is not None and (
+        isinstance(early_stopping, bool) or not isinstance(early_stopping, int | np.integer) or early_stopping < 1
+    ):
+        raise ValueError(f"early_stopping must be a positive integer (epochs) or None, got {early_stopping!r}.")
     batch_size = settings.batch_size_cells if batch_size is None else batch_size
     is_biodta = isinstance(model, BioDTA)
     if not is_biodta and not hasattr(model, "bert"):
         raise TypeError(f"model must be a BioDTA or a Geneformer BertForMaskedLM, got {type(model).__name__}.")
+    adapter_args = {
+        "mode": mode,
+        "adapter_layers": adapter_layers,
+        "adapter_hidden": adapter_hidden,
+        "adapter_dropout": adapter_dropout,
+    }
+    if is_biodta:
+        given = sorted(k for k, v in adapter_args.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: the BioDTA passed as model already has its adapter; set these when building it "
+                "(BioDTA.from_adata(..., adapter_dropout=...), BioDTA(backbone, ...)) or pass a plain backbone."
+            )
     backbone = model.backbone if is_biodta else model
+    if freeze_backbone is None:
+        freeze_backbone = bool(model.pretrained_backbone) if is_biodta else True
 
     # ---- inputs: DNA embeddings, tokens (everything checked before the model or adata is touched)
     dna, dna_valid = _dna_embeddings(adata, dna_key, model.d_dna if is_biodta else None)
     vocab = model_vocab(model)
     max_pos = int(backbone.config.max_position_embeddings)
+    used_max_length = min(max_length or vocab.max_length, max_pos)
     from sc_dta.pp._tokenize import tokenize
 
-    tokens = tokenize(
-        adata,
-        vocab=vocab,
-        layer=layer,
-        gene_id_key=gene_id_key,
-        max_length=min(max_length or vocab.max_length, max_pos),
-    )
+    tokens = tokenize(adata, vocab=vocab, layer=layer, gene_id_key=gene_id_key, max_length=used_max_length)
     var_tokens = np.asarray(tokens.var_token_ids, dtype=np.int64)
     if not (var_tokens >= 0).any():
         raise ValueError(
@@ -194,7 +240,8 @@ def train_adapter(
     seqs = [np.asarray(s, dtype=np.int64) for s in tokens.input_ids]
     lengths = np.array([s.size for s in seqs], dtype=np.int64)
     flat = np.concatenate(seqs) if seqs else np.empty(0, dtype=np.int64)
-    cum = np.concatenate([[0], np.cumsum(~np.isin(flat, special))])
+    is_gene = ~np.isin(flat, special)
+    cum = np.concatenate([[0], np.cumsum(is_gene)])
     ends = np.cumsum(lengths)
     n_genes = cum[ends] - cum[ends - lengths]  # gene (non-special) tokens per cell
     usable = np.flatnonzero(n_genes > 0)
@@ -208,16 +255,15 @@ def train_adapter(
     if val_fraction > 0 and order.size >= 2:
         n_val = min(max(n_val, 1), order.size - 1)
     val_cells, train_cells = np.sort(order[:n_val]), order[n_val:]
+    if epochs is None:
+        epochs = default_epochs(train_cells.size)
 
     dev = resolve_device(device)
     out = Path(output_dir).expanduser() if output_dir is not None else None
-    ckpt = out / _CHECKPOINT_DIR if out is not None else None
-    state = None
-    if resume:
-        if ckpt is not None and (ckpt / _STATE_FILE).exists():
-            state = torch.load(ckpt / _STATE_FILE, map_location="cpu", weights_only=True)
-        else:
-            logger.warning("resume=True but %s holds no checkpoint: training from the start.", ckpt)
+    ckpt = out / ckpt_io.CHECKPOINT_DIR if out is not None else None
+    state = ckpt_io.read_state(ckpt) if resume else None
+    if resume and state is None:
+        logger.warning("resume=True but %s holds no checkpoint: training from the start.", ckpt)
 
     n_batches = math.ceil(train_cells.size / batch_size)
     steps_per_epoch = math.ceil(n_batches / accumulation_steps)
@@ -233,6 +279,7 @@ def train_adapter(
         "freeze_backbone": bool(freeze_backbone),
         "weight_decay": float(weight_decay),
         "warmup_ratio": float(warmup_ratio),
+        "early_stopping": 0 if early_stopping is None else int(early_stopping),
         "n_train_cells": int(train_cells.size),
         "n_val_cells": int(val_cells.size),
     }
@@ -254,21 +301,12 @@ def train_adapter(
                 model,
                 vocab,
                 d_dna=dna.shape[1],
-                mode=mode,
-                adapter_layers=adapter_layers,
+                mode=mode or "replace",
+                adapter_layers=2 if adapter_layers is None else adapter_layers,
                 adapter_hidden=adapter_hidden,
-                adapter_dropout=adapter_dropout,
+                adapter_dropout=0.1 if adapter_dropout is None else adapter_dropout,
             )
-        info = _encoder_info(adata, dna_key)
-        if not bio.dna_encoder_info:
-            bio.dna_encoder_info = info
-        elif info.get("name") not in (None, bio.dna_encoder_info.get("name")):
-            logger.warning(
-                "adata.uns[%r] names the DNA encoder %r, the model was trained with %r.",
-                dna_key,
-                info.get("name"),
-                bio.dna_encoder_info.get("name"),
-            )
+        _record_encoder(bio, _encoder_info(adata, dna_key), dna_key)
         bio.set_dna_embeddings(dna_token_ids, dna_rows)
         bio.to(dev)
         grad_flags = [(p, p.requires_grad) for p in bio.parameters()]  # restored afterwards
@@ -284,35 +322,33 @@ def train_adapter(
             betas=(0.9, 0.999),
             eps=1e-8,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup_decay(warmup_steps, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup_steps, total_steps))
         mask_gen = torch.Generator().manual_seed(seed)
-        gene_ids = torch.as_tensor(np.setdiff1d(np.arange(len(vocab)), special))
-        masker = _Masker(special, int(vocab.pad_id), int(vocab.mask_id), gene_ids, mask_prob)
-        val_batches = _validation_batches(seqs, lengths, val_cells, batch_size, masker, seed)
+        gene_ids = np.setdiff1d(np.arange(len(vocab)), special)
+        masker = Masker(special, int(vocab.pad_id), int(vocab.mask_id), torch.as_tensor(gene_ids), mask_prob)
+        held_out_masker = Masker(
+            special, int(vocab.pad_id), int(vocab.mask_id), torch.as_tensor(gene_ids), mask_prob, replace_mask=1.0
+        )
+        val_batches = masked_batches(seqs, lengths, val_cells, batch_size, held_out_masker, seed)
 
         step, start_epoch, start_group = 0, 0, 0
         history: list[dict[str, Any]] = []
+        best = {"loss": math.inf, "epoch": -1, "weights": None, "bad_epochs": 0}
         if state is not None:
-            _load_checkpoint_weights(bio, ckpt / _MODEL_DIR)
+            ckpt_io.load_checkpoint_weights(bio, ckpt / ckpt_io.MODEL_DIR)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"], mask_gen, cuda_devices)
+            ckpt_io.set_rng_state(state["rng"], mask_gen, cuda_devices)
             step, start_epoch, start_group = int(state["step"]), int(state["epoch"]), int(state["group"])
             history = list(state["history"])
+            best = dict(state.get("best", best))
             logger.info("Resuming from %s at epoch %d, step %d.", ckpt, start_epoch, step)
-        prior_history = list(bio.loss_history) if state is None else []
-        if state is not None:
-            prior_history = list(state.get("prior_history", []))
+        prior_history = list(bio.loss_history) if state is None else list(state.get("prior_history", []))
 
         def save_checkpoint(epoch: int, group: int, rng: dict) -> None:
             if ckpt is None:
                 return
-            tmp = ckpt.with_name(_CHECKPOINT_DIR + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
             bio.loss_history = prior_history + history
-            bio.save_pretrained(tmp / _MODEL_DIR)
             payload = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -322,30 +358,32 @@ def train_adapter(
                 "group": group,
                 "history": history,
                 "prior_history": prior_history,
+                "best": best,
                 "run": run,
             }
-            torch.save(payload, tmp / _STATE_FILE)
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            tmp.rename(ckpt)
-            logger.info("Checkpoint written to %s (epoch %d, step %d).", ckpt, epoch, step)
+            ckpt_io.write_checkpoint(ckpt, bio, payload)
 
         bar = progress(total=total_steps, initial=step, desc="train_adapter", unit="step")
         running = None
         t0, n_tokens = time.perf_counter(), 0
+        stopped_early = bool(state is not None and state.get("stopped", False))
         try:
             for epoch in range(start_epoch, epochs):
-                batches = _length_grouped_batches(
+                if stopped_early:
+                    break
+                batches = length_grouped_batches(
                     train_cells, lengths, batch_size, np.random.default_rng([seed, 2, epoch])
                 )
                 groups = [batches[i : i + accumulation_steps] for i in range(0, len(batches), accumulation_steps)]
                 first_group = start_group if epoch == start_epoch else 0
-                _train_mode(bio, freeze_backbone)
+                train_mode(bio, freeze_backbone)
                 for g in range(first_group, len(groups)):
-                    rng_before = _get_rng_state(mask_gen, cuda_devices)
+                    rng_before = ckpt_io.get_rng_state(mask_gen, cuda_devices)
                     done = False
                     try:
-                        micro = [masker(_pad(seqs, b, masker.pad_id), mask_gen) for b in groups[g]]
+                        micro = [
+                            masker(pad_tokens([seqs[c] for c in b], masker.pad_id)[0], mask_gen) for b in groups[g]
+                        ]
                         n_masked = sum(int((lab != -100).sum()) for _, lab, _ in micro)
                         loss_total = 0.0
                         for inputs, labels, attn in micro:
@@ -373,7 +411,7 @@ def train_adapter(
                     except KeyboardInterrupt:
                         optimizer.zero_grad(set_to_none=True)
                         if done:
-                            save_checkpoint(epoch, g + 1, _get_rng_state(mask_gen, cuda_devices))
+                            save_checkpoint(epoch, g + 1, ckpt_io.get_rng_state(mask_gen, cuda_devices))
                         else:
                             save_checkpoint(epoch, g, rng_before)
                         if ckpt is not None:
@@ -382,14 +420,34 @@ def train_adapter(
                             )
                         raise
                 if val_batches:
-                    val_loss = _validate(bio, val_batches, dev)
+                    val_loss = held_out_loss(bio, val_batches, dev)
                     history.append({"epoch": epoch, "step": step, "val_loss": val_loss})
-                    logger.info("Epoch %d: validation loss %.4f.", epoch, val_loss)
+                    logger.info("Epoch %d: held-out loss %.4f.", epoch, val_loss)
                     bar.set_postfix(
                         loss=f"{running if running is not None else float('nan'):.4f}", val=f"{val_loss:.4f}"
                     )
+                    if early_stopping is not None:
+                        if val_loss < best["loss"]:
+                            best = {"loss": val_loss, "epoch": epoch, "weights": None, "bad_epochs": 0}
+                            best["weights"] = ckpt_io.snapshot_weights(bio)
+                        else:
+                            best["bad_epochs"] += 1
+                            if best["bad_epochs"] >= early_stopping:
+                                stopped_early = True
+                                logger.info(
+                                    "Early stopping after epoch %d: no improvement on %.4f (epoch %d) for %d epochs.",
+                                    epoch,
+                                    best["loss"],
+                                    best["epoch"],
+                                    early_stopping,
+                                )
                 start_group = 0
-                save_checkpoint(epoch + 1, 0, _get_rng_state(mask_gen, cuda_devices))
+                if ckpt is not None:
+                    save_checkpoint(epoch + 1, 0, ckpt_io.get_rng_state(mask_gen, cuda_devices))
+                    if stopped_early:
+                        state_now = ckpt_io.read_state(ckpt)
+                        state_now["stopped"] = True
+                        torch.save(state_now, ckpt / ckpt_io.STATE_FILE)
         finally:
             bar.close()
             bio.eval()
@@ -398,10 +456,16 @@ def train_adapter(
         elapsed = time.perf_counter() - t0
         if n_tokens:
             logger.info("Trained on %d tokens in %.1f s (%.0f tokens/s).", n_tokens, elapsed, n_tokens / elapsed)
+        if best["weights"] is not None:
+            ckpt_io.restore_weights(bio, best["weights"])
+        diagnostics = _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed)
 
+    if used_max_length != vocab.max_length:
+        bio.vocab = copy.copy(bio.vocab)
+        bio.vocab.max_length = int(used_max_length)
     bio.loss_history = prior_history + history
     if out is not None:
-        bio.save_pretrained(out / _MODEL_DIR)
+        bio.save_pretrained(out / ckpt_io.MODEL_DIR)
     train_records = [h for h in history if "loss" in h]
     val_records = [h for h in history if "val_loss" in h]
     params_out = {
@@ -409,6 +473,8 @@ def train_adapter(
         "dna_key": dna_key,
         "val_fraction": float(val_fraction),
         "mode": bio.mode,
+        "max_length": int(used_max_length),
+        "position_free": bool(bio.position_free),
         "n_dna_tokens": int(dna_token_ids.size),
         "device": str(dev),
     }
@@ -421,13 +487,57 @@ def train_adapter(
         "lr": np.array([h["lr"] for h in train_records], dtype=np.float64),
         "val_epoch": np.array([h["epoch"] for h in val_records], dtype=np.int64),
         "val_loss": np.array([h["val_loss"] for h in val_records], dtype=np.float64),
+        "best_epoch": int(best["epoch"]),
+        **diagnostics,
     }
     return bio
 
 
+def _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed) -> dict[str, float]:
+    """Context gain on the held-out cells (NaN without them); warns when the model ignores context."""
+    nan = float("nan")
+    if not val_batches:
+        logger.info("No held-out cells (val_fraction=0): the context gain is not measured.")
+        return {"context_gain": nan, "loss_real_context": nan, "loss_shuffled_context": nan}
+    train_tokens = np.concatenate([seqs[c] for c in train_cells])
+    freq = np.bincount(train_tokens, minlength=len(vocab)).astype(np.float64)[gene_ids] + 1e-3
+    shuffled = shuffled_context(val_batches, gene_ids, freq, int(vocab.mask_id), int(vocab.pad_id), seed)
+    gain, real, fake = context_gain(bio, val_batches, shuffled, dev)
+    logger.info(
+        "Context gain %.3f nats per masked gene (held-out loss %.3f with the real context, %.3f shuffled).",
+        gain,
+        real,
+        fake,
+    )
+    if not gain > MIN_CONTEXT_GAIN:
+        warnings.warn(
+            f"train_adapter: the model learned no gene-gene dependencies (context gain {gain:.3f} nats per masked gene "
+            f"on held-out cells, below {MIN_CONTEXT_GAIN}): it predicts genes from their frequency alone, so "
+            "perturbation results will be noise. Train longer (epochs=), with more cells, or a lower lr.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"context_gain": float(gain), "loss_real_context": float(real), "loss_shuffled_context": float(fake)}
+
+
+def _record_encoder(bio: BioDTA, info: dict[str, Any], dna_key: str) -> None:
+    """Record the DNA encoder of ``adata.uns[dna_key]`` on the model; refuse a different one."""
+    if not bio.dna_encoder_info:
+        bio.dna_encoder_info = info
+        return
+    known = bio.dna_encoder_info
+    for attr in ("name", "window", "weights_id"):
+        if attr in info and attr in known and str(info[attr]) != str(known[attr]):
+            raise ValueError(
+                f"adata.uns[{dna_key!r}]: the DNA embeddings were made with encoder {attr} {info[attr]!r}, the model's "
+                f"adapter with {known[attr]!r}; embed the DNA again with the model's encoder "
+                f"({known.get('name')}, window {known.get('window')})."
+            )
+
+
 # ---------------------------------------------------------------------- checks and inputs
 def _check_args(
-    epochs: int,
+    epochs: int | None,
     batch_size: int | None,
     lr: float,
     mask_prob: float,
@@ -438,6 +548,8 @@ def _check_args(
     output_dir: str | Path | None,
 ) -> None:
     for name, value in (("epochs", epochs), ("accumulation_steps", accumulation_steps)):
+        if name == "epochs" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if batch_size is not None and (
@@ -498,166 +610,3 @@ def _encoder_info(adata: AnnData, dna_key: str) -> dict[str, Any]:
         if isinstance(v, str | int | float | bool):
             out[str(k)] = v
     return out
-
-
-# ---------------------------------------------------------------------- batching and masking
-def _length_grouped_batches(
-    cells: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Shuffle, sort by length (longest first) within mega-batches, cut into batches; longest batch first."""
-    perm = rng.permutation(cells)
-    mega = batch_size * _MEGA_BATCH
-    batches: list[np.ndarray] = []
-    for start in range(0, perm.size, mega):
-        chunk = perm[start : start + mega]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, chunk.size, batch_size)]
-    if batches:
-        longest = int(np.argmax([lengths[b].max() for b in batches]))
-        batches[0], batches[longest] = batches[longest], batches[0]
-    return batches
-
-
-def _pad(seqs: Sequence[np.ndarray], cells: np.ndarray, pad_id: int) -> np.ndarray:
-    width = max(seqs[c].size for c in cells)
-    out = np.full((cells.size, width), pad_id, dtype=np.int64)
-    for row, c in enumerate(cells):
-        out[row, : seqs[c].size] = seqs[c]
-    return out
-
-
-class _Masker:
-    """BERT masking of gene tokens: choose ``mask_prob`` of them (at least one per cell), 80/10/10."""
-
-    def __init__(self, special: np.ndarray, pad_id: int, mask_id: int, gene_ids: torch.Tensor, mask_prob: float):
-        import torch
-
-        self.special = torch.as_tensor(np.union1d(special, [pad_id]))
-        self.pad_id, self.mask_id, self.gene_ids, self.mask_prob = pad_id, mask_id, gene_ids, mask_prob
-
-    def __call__(self, batch: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        import torch
-
-        ids = torch.from_numpy(batch)
-        attn = (ids != self.pad_id).long()
-        maskable = ~torch.isin(ids, self.special)
-        chosen = (torch.rand(ids.shape, generator=gen) < self.mask_prob) & maskable
-        # every cell predicts at least one gene
-        missing = ~chosen.any(dim=1) & maskable.any(dim=1)
-        pick = torch.rand(ids.shape, generator=gen).masked_fill(~maskable, -1.0).argmax(dim=1)
-        chosen[missing, pick[missing]] = True
-        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-        action = torch.rand(ids.shape, generator=gen)
-        to_mask = chosen & (action < 0.8)
-        to_random = chosen & (action >= 0.8) & (action < 0.9)
-        inputs = ids.clone()
-        inputs[to_mask] = self.mask_id
-        random_ids = self.gene_ids[torch.randint(len(self.gene_ids), ids.shape, generator=gen)]
-        inputs[to_random] = random_ids[to_random]
-        return inputs, labels, attn
-
-
-def _validation_batches(
-    seqs: Sequence[np.ndarray], lengths: np.ndarray, cells: np.ndarray, batch_size: int, masker: _Masker, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Mask the validation cells once (own generator: the same every epoch, training RNG untouched)."""
-    import torch
-
-    if cells.size == 0:
-        return []
-    gen = torch.Generator().manual_seed(seed + 1)
-    ordered = cells[np.argsort(-lengths[cells], kind="stable")]
-    return [
-        masker(_pad(seqs, ordered[i : i + batch_size], masker.pad_id), gen) for i in range(0, ordered.size, batch_size)
-    ]
-
-
-def _validate(bio: BioDTA, batches: list, dev: torch.device) -> float:
-    import torch
-
-    was_training = {m: m.training for m in (bio.adapter, bio.backbone)}
-    bio.eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for inputs, labels, attn in batches:
-            with autocast(dev):
-                loss = bio.masked_lm_loss(inputs.to(dev), labels.to(dev), attn.to(dev), reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
-    for m, flag in was_training.items():
-        m.train(flag)
-    return total / max(count, 1)
-
-
-def _train_mode(bio: BioDTA, freeze_backbone: bool) -> None:
-    bio.train()
-    if freeze_backbone:
-        bio.backbone.eval()  # a frozen backbone runs as at inference (no dropout)
-    bio.adapter.train()
-
-
-def _linear_warmup_decay(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-# ---------------------------------------------------------------------- checkpoints
-def _get_rng_state(mask_gen: torch.Generator, cuda_devices: list) -> dict:
-    import torch
-
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [
-            np_state[0],
-            torch.from_numpy(np_state[1].astype(np.int64)),
-            int(np_state[2]),
-            int(np_state[3]),
-            float(np_state[4]),
-        ],
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state(d) for d in cuda_devices],
-        "mask": mask_gen.get_state(),
-    }
-
-
-def _set_rng_state(state: dict, mask_gen: torch.Generator, cuda_devices: list) -> None:
-    import torch
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
-    torch.set_rng_state(state["torch"])
-    for d, s in zip(cuda_devices, state.get("cuda", []), strict=False):
-        torch.cuda.set_rng_state(s, d)
-    mask_gen.set_state(state["mask"])
-
-
-def _load_checkpoint_weights(bio: BioDTA, folder: Path) -> None:
-    """Load adapter, DNA table and (when saved) backbone weights of a checkpoint into ``bio``, in place."""
-    from safetensors.torch import load_file
-
-    from sc_dta.models.biodta import _BACKBONE_DIR, _WEIGHTS_FILE
-
-    bio._load_adapter_tensors(load_file(str(folder / _WEIGHTS_FILE)))
-    backbone_dir = folder / _BACKBONE_DIR
-    if backbone_dir.exists():
-        files = sorted(backbone_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"No backbone weights (*.safetensors) in {backbone_dir}.")
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        missing, unexpected = bio.backbone.load_state_dict(state, strict=False)
-        tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-        if unexpected or set(missing) - tied:
-            raise ValueError(
-                f"Checkpoint backbone in {backbone_dir} does not match the model: missing {missing}, unexpected {unexpected}."
-            )
-    bio.to(bio.backbone.device)
