@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,122 @@ def test_constructor_errors(vocab):
     big = GeneformerVocab("big", {**vocab.token_ids, "G99": len(vocab)}, {**vocab.medians, "G99": 1.0})
     with pytest.raises(ValueError, match="more than the backbone"):
         BioDTA(backbone, big, d_dna=3)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record (and refuse) every outgoing socket connection: loading a local folder must never try one."""
+    import socket
+
+    attempts: list = []
+
+    def refuse(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(f"test: network access to {address} refused")
+
+    def refuse_lookup(host, *args, **kwargs):
+        attempts.append(host)
+        raise socket.gaierror(f"test: name lookup of {host} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse_lookup)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return attempts
+
+
+@pytest.fixture
+def saved(vocab, tmp_path):
+    model = small(vocab)
+    model.set_dna_embeddings([4, 6], np.ones((2, D_DNA), dtype=np.float32))
+    return model.save_pretrained(tmp_path / "saved")
+
+
+def _variant(saved, tmp_path, name):
+    import shutil
+
+    return Path(shutil.copytree(saved, tmp_path / name))
+
+
+def test_damaged_backbone_folder_fails_fast_offline(saved, tmp_path, no_network, monkeypatch):
+    import shutil
+    import time
+
+    no_backbone = _variant(saved, tmp_path, "no_backbone")
+    shutil.rmtree(no_backbone / "backbone")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"backbone folder .*no_backbone/backbone is missing"):
+        BioDTA.from_pretrained(no_backbone)
+    # a relative path: "no_backbone/backbone" is also a valid Hub repo id, and must not be looked up there
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"backbone folder no_backbone/backbone is missing"):
+        BioDTA.from_pretrained("no_backbone")
+    assert no_network == []
+    assert time.perf_counter() - start < 5
+    no_weights = _variant(saved, tmp_path, "no_weights")
+    (no_weights / "backbone" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_weights/backbone holds no weights"):
+        BioDTA.from_pretrained(no_weights)
+    no_config = _variant(saved, tmp_path, "no_bconfig")
+    (no_config / "backbone" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_bconfig/backbone lacks config.json"):
+        BioDTA.from_pretrained(no_config)
+    truncated = _variant(saved, tmp_path, "truncated_backbone")
+    weights = truncated / "backbone" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"saved backbone in .*truncated_backbone/backbone could not be loaded"):
+        BioDTA.from_pretrained(truncated)
+    assert no_network == []  # not one connection attempt
+    # the intact folder still loads, offline
+    assert isinstance(BioDTA.from_pretrained(saved), BioDTA) and no_network == []
+
+
+def test_damaged_adapter_file_names_it(saved, tmp_path, vocab, no_network):
+    from safetensors import SafetensorError
+
+    truncated = _variant(saved, tmp_path, "truncated")
+    weights = truncated / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"truncated/adapter.safetensors is damaged") as err:
+        BioDTA.from_pretrained(truncated)
+    assert not isinstance(err.value, SafetensorError) and isinstance(err.value.__cause__, SafetensorError)
+    missing = _variant(saved, tmp_path, "missing")
+    (missing / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing lacks adapter.safetensors"):
+        BioDTA.from_pretrained(missing)
+    # the adapter file of another model (other d_dna) does not fit this config
+    mixed = _variant(saved, tmp_path, "mixed")
+    other = BioDTA.from_config(vocab, d_dna=D_DNA + 1, hidden_size=16, n_layers=2, n_heads=2, intermediate_size=32)
+    other.save_pretrained(tmp_path / "other")
+    (mixed / "adapter.safetensors").write_bytes((tmp_path / "other" / "adapter.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"mixed/adapter.safetensors does not fit .*biodta_config.json"):
+        BioDTA.from_pretrained(mixed)
+    assert no_network == []
+
+
+def test_damaged_config_and_vocab_name_the_file(saved, tmp_path, no_network):
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BioDTA.from_pretrained(tmp_path / "nowhere")
+    no_config = _variant(saved, tmp_path, "no_config")
+    (no_config / "biodta_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_config.* has no biodta_config.json"):
+        BioDTA.from_pretrained(no_config)
+    bad_json = _variant(saved, tmp_path, "bad_json")
+    text = (bad_json / "biodta_config.json").read_text()
+    (bad_json / "biodta_config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"bad_json/biodta_config.json is damaged \(not valid JSON"):
+        BioDTA.from_pretrained(bad_json)
+    no_adapter_entry = _variant(saved, tmp_path, "no_entry")
+    config = json.loads(text)
+    del config["adapter"]
+    (no_adapter_entry / "biodta_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no_entry/biodta_config.json is damaged: it lacks the entries \['adapter'\]"):
+        BioDTA.from_pretrained(no_adapter_entry)
+    no_vocab = _variant(saved, tmp_path, "no_vocab")
+    shutil.rmtree(no_vocab / "vocab")
+    with pytest.raises(FileNotFoundError, match=r"no_vocab lacks its vocab/ folder"):
+        BioDTA.from_pretrained(no_vocab)
+    assert no_network == []
