@@ -288,3 +288,23 @@ def test_damaged_config_and_vocab_name_the_file(saved, tmp_path, no_network):
     with pytest.raises(FileNotFoundError, match=r"no_vocab lacks its vocab/ folder"):
         BioDTA.from_pretrained(no_vocab)
     assert no_network == []
+
+
+def test_emb_layer_names_and_integers(vocab):
+    from sc_dta.models._forward import contextual_embeddings, resolve_emb_layer
+
+    model = small(vocab).eval()  # 2 layers
+    assert resolve_emb_layer(model, "second_to_last") == resolve_emb_layer(model, -1) == 1
+    assert resolve_emb_layer(model, "last") == resolve_emb_layer(model, 0) == 2
+    assert resolve_emb_layer(model, "Second-To-Last") == 1
+    assert resolve_emb_layer(model, np.int64(-2)) == 0  # the embedding output
+    for bad in (1, -3, "first", "-1", True, 1.0, None):
+        with pytest.raises(ValueError, match=r"emb_layer: must be 'second_to_last' .* between -2 .* got"):
+            resolve_emb_layer(model, bad)
+    ids = batch()
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        for name, index in (("last", 2), ("second_to_last", 1)):
+            got = contextual_embeddings(model, ids, mask, emb_layer=name)
+            torch.testing.assert_close(got[mask.bool()], ref[index][mask.bool()], rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ are never evaluated.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -37,19 +37,48 @@ def n_layers(model: nn.Module) -> int:
     return len(backbone_bert(model).encoder.layer)
 
 
-def resolve_emb_layer(model: nn.Module, emb_layer: int) -> int:
-    """Translate Geneformer's ``emb_layer`` into an index of ``hidden_states``.
+def resolve_emb_layer(model: nn.Module, emb_layer: Literal["second_to_last", "last"] | int) -> int:
+    """Translate ``emb_layer`` (which layer's contextual embeddings to compare) into an index of ``hidden_states``.
 
-    ``emb_layer=0`` is the last layer (``hidden_states[n_layers]``), ``-1`` the second-to-last
-    (``hidden_states[n_layers - 1]``, Geneformer's default) and ``-n_layers`` the embedding output.
+    ``emb_layer`` counts back from the model's last transformer layer, as in Geneformer:
+
+    - ``"second_to_last"`` or ``-1`` (the default everywhere): the output of the second-to-last layer,
+      ``hidden_states[n_layers - 1]``. Geneformer's choice: the last layer is specialised for predicting
+      the masked gene, the one below it describes the gene in its cell more generally.
+    - ``"last"`` or ``0``: the output of the last layer, ``hidden_states[n_layers]``.
+    - ``-k`` (an integer between ``-n_layers`` and 0): ``k`` layers below the last; ``-n_layers`` is the
+      input embedding output (before any transformer layer).
+
+    Parameters
+    ----------
+    model
+        A :class:`transformers.BertForMaskedLM`, a :class:`~sc_dta.models.BioDTA` or a ``BertModel``.
+    emb_layer
+        ``"second_to_last"``, ``"last"`` or an integer from ``-n_layers`` to 0 (numpy integers too).
+
+    Returns
+    -------
+    The index into ``hidden_states`` (``n_layers + emb_layer``), which is also the number of transformer
+    layers to run.
+
+    Raises
+    ------
+    ValueError
+        Any other value, naming the accepted ones for this model.
     """
+    import numbers
+
     n = n_layers(model)
-    if isinstance(emb_layer, bool) or not isinstance(emb_layer, int) or not -n <= emb_layer <= 0:
+    names = {"second_to_last": -1, "last": 0}
+    value: object = emb_layer
+    if isinstance(emb_layer, str):
+        value = names.get(emb_layer.strip().lower().replace("-", "_"), emb_layer)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -n <= int(value) <= 0:
         raise ValueError(
-            f"emb_layer: must be an integer between {-n} and 0 for this {n}-layer model "
-            f"(0 = last layer, -1 = second-to-last), got {emb_layer!r}."
+            f"emb_layer: must be 'second_to_last' (= -1, the default), 'last' (= 0) or an integer between {-n} "
+            f"(the embedding output) and 0 for this {n}-layer model, got {emb_layer!r}."
         )
-    return n + emb_layer
+    return n + int(value)
 
 
 def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
