@@ -1,4 +1,4 @@
-"""Models: DNA encoders, Geneformer vocabularies and checkpoints, the adapter and BioDTA."""
+"""Models: DNA encoders (Enformer, k-mer, JASPAR motifs), Geneformer vocabularies and checkpoints, adapter, BioDTA."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ _EXPORTS = {
     "DNAEncoder": ".dna",
     "EnformerEncoder": ".dna",
     "KmerEncoder": ".dna",
+    "MotifEncoder": ".motif",
+    "Motif": ".motif",
+    "load_jaspar": ".motif",
+    "encoder_from_name": ".encoders",
     "GeneformerVocab": ".vocab",
     "load_geneformer": ".cell",
     "Adapter": ".adapter",
