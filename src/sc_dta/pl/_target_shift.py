@@ -10,6 +10,8 @@ import numpy as np
 
 from sc_dta._utils import get_anndata
 
+from ._labels import gene_labels, is_signed, result_title, symbol_column, value_label
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
@@ -20,6 +22,8 @@ __all__ = ["target_shift"]
 
 HIGHLIGHT_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 BASE_COLOR = "#bbbbbb"
+#: Panels whose x-ranges differ by less than this factor share one x-range; others are labelled as differing.
+SAME_SCALE_RATIO = 1.5
 
 
 def _highlight_sets(highlight: Any) -> dict[str, list[str]]:
@@ -32,8 +36,8 @@ def _highlight_sets(highlight: Any) -> dict[str, list[str]]:
     return {"targets": [str(g) for g in highlight]}
 
 
-def _top_genes(adata: AnnData, key: str, n_top: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Var positions of the ``n_top`` largest mean shifts and each one's per-cell shifts."""
+def _top_genes(adata: AnnData, key: str, n_top: int, *, signed: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Var positions of the ``n_top`` largest mean shifts (in magnitude when ``signed``) and their per-cell values."""
     from scipy import sparse
 
     from sc_dta.tl._rank import _check_key
@@ -42,7 +46,8 @@ def _top_genes(adata: AnnData, key: str, n_top: int) -> tuple[np.ndarray, list[n
     mean = adata.var[key + "_mean"].to_numpy(dtype=np.float64)
     n = adata.var[key + "_n"].to_numpy()
     ok = np.flatnonzero(np.isfinite(mean) & (n > 0))
-    top = ok[np.lexsort((np.arange(ok.size), -mean[ok]))][:n_top]
+    score = np.abs(mean[ok]) if signed else mean[ok]
+    top = ok[np.lexsort((np.arange(ok.size), -score))][:n_top]
     values: list[np.ndarray] = []
     if key in adata.layers:
         layer = sparse.csc_matrix(adata.layers[key])
@@ -59,18 +64,14 @@ def _draw(
     key: str,
     n_top: int,
     sets: dict[str, list[str]],
-    gene_symbols: str | None,
+    labels_all: np.ndarray,
 ) -> dict[str, Any]:
     from matplotlib.patches import Patch
 
     from sc_dta.tl._rank import _match_genes
 
-    top, values = _top_genes(adata, key, n_top)
-    labels = (
-        adata.var[gene_symbols].astype(str).to_numpy()[top]
-        if gene_symbols is not None
-        else np.asarray(adata.var_names.astype(str))[top]
-    )
+    top, values = _top_genes(adata, key, n_top, signed=is_signed(adata, key))
+    labels = labels_all[top]
     colors = np.array([BASE_COLOR] * len(top), dtype=object)
     which = np.full(len(top), "", dtype=object)
     handles = []
@@ -109,17 +110,59 @@ def _draw(
             tick.set_color(c)
             tick.set_fontweight("bold")
     ax.set_ylim(-0.7, len(top) - 0.3)
-    ax.set_xlabel("embedding shift (1 − cosine)")
-    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
-    params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), Mapping) else {}
-    title = key
-    if params:
-        what = params.get("mutation") or params.get("kind") or ""
-        title = f"{key}: {params.get('gene', '')} {what}".strip()
-    ax.set_title(title)
+    ax.set_title(result_title(adata, key, labels_all))
     if handles:
         ax.legend(handles=handles, loc="lower right", fontsize="small", frameon=False)
     return {"genes": labels, "highlighted": int((which != "").sum())}
+
+
+def _extent(ax: Axes) -> float:
+    lo, hi = ax.get_xlim()
+    return max(abs(lo), abs(hi))
+
+
+def _match_scales(axes: list[Axes]) -> None:
+    """Give panels of similar range one common x-range; else say on each later panel that its scale differs."""
+    first = _extent(axes[0])
+    for ax in axes[1:]:
+        ratio = _extent(ax) / first if first > 0 else np.inf
+        if 1 / SAME_SCALE_RATIO <= ratio <= SAME_SCALE_RATIO:
+            lo = min(a.get_xlim()[0] for a in (axes[0], ax))
+            hi = max(a.get_xlim()[1] for a in (axes[0], ax))
+            axes[0].set_xlim(lo, hi)
+            ax.set_xlim(lo, hi)
+        else:
+            ax.set_title(f"{ax.get_title()}\n(x-scale differs from the first panel: {_times(ratio)})")
+
+
+def _times(ratio: float) -> str:
+    """``×40``, ``×2.5``, ``÷300``: how much larger (or smaller) a range is."""
+    if not np.isfinite(ratio) or ratio <= 0:
+        return "not comparable"
+    sign, value = ("×", ratio) if ratio >= 1 else ("÷", 1 / ratio)
+    return f"{sign}{value:,.0f}" if value >= 10 else f"{sign}{value:.1f}"
+
+
+def _scale_x(ax: Axes, label: str) -> None:
+    """Put a power-of-ten multiplier into the axis label instead of matplotlib's offset text.
+
+    The offset text (``×10⁻⁴`` at the right end of the axis) collides with a centred axis label on narrow axes;
+    here the ticks are divided by ``10**e`` (``e`` from the axis range, as ``scilimits=(-3, 4)`` would pick) and
+    the label says so, e.g. ``embedding shift (1 − cosine) (×10⁻⁴)``.
+    """
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
+    extent = _extent(ax)
+    exponent = int(np.floor(np.log10(extent))) if np.isfinite(extent) and extent > 0 else 0
+    if exponent <= -3 or exponent >= 4:
+        scale = 10.0**exponent
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v / scale:.4g}"))
+        ax.set_xlabel(rf"{label} ($\times 10^{{{exponent}}}$)")
+    else:
+        formatter = ScalarFormatter(useOffset=False)
+        formatter.set_scientific(False)
+        ax.xaxis.set_major_formatter(formatter)
+        ax.set_xlabel(label)
 
 
 def target_shift(
@@ -129,7 +172,7 @@ def target_shift(
     n_top: int = 50,
     highlight: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     compare: str | None = None,
-    gene_symbols: str | None = None,
+    gene_symbols: str | bool | None = "auto",
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -138,8 +181,12 @@ def target_shift(
     """Top genes by mean embedding shift, with their per-cell spread and known targets highlighted.
 
     One horizontal box per gene (per-cell shifts of the cells where it was measured; whiskers at
-    1.5 IQR, no fliers) with its mean as a black diamond, largest shift at the top. Genes in
-    ``highlight`` are coloured (box and tick label) with a legend per target set.
+    1.5 IQR, no fliers) with its mean as a black diamond, largest shift at the top (largest in magnitude
+    for signed readouts such as ``readout="expression"``). Genes in ``highlight`` are coloured (box and
+    tick label) with a legend per target set. Genes are labelled by symbol (see ``gene_symbols``); the
+    title says what was done, from ``adata.uns[key]['params']`` (``"Bio-DTA: GATA4 delete:-150:+50"``,
+    ``"deletion: GATA4"``, ``"overexpression: GATA4"``; the key when unknown); a power-of-ten multiplier
+    goes into the axis label (``×10⁻⁴``), never into a separate offset text.
 
     Parameters
     ----------
@@ -152,9 +199,13 @@ def target_shift(
     highlight
         Known targets: a list of gene names, or a dict of named lists (each its own colour).
     compare
-        A second result key (e.g. the adapter-free ``"dta_shift_delete"``) drawn side by side.
+        A second result key (e.g. the adapter-free ``"dta_shift_delete"``) drawn side by side. When the
+        two x-ranges differ by less than a factor 1.5 both panels get the same x-range; otherwise the
+        second panel's title says that its x-scale differs (and by how much).
     gene_symbols
-        ``var`` column used for the gene labels instead of ``var_names``.
+        ``var`` column with the gene labels. Default ``"auto"``: the first of ``var['gene_symbol']``,
+        ``var['gene_symbols']``, ``var['gene_name']``, ``var['feature_name']`` that exists (genes without a
+        symbol keep their var name); None or False: ``var_names``.
     ax
         Axes to draw into (a pair of axes with ``compare``); by default a new figure.
     show
@@ -173,8 +224,7 @@ def target_shift(
     ad = get_anndata(adata, mod)
     if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
         raise ValueError(f"n_top: must be a positive integer, got {n_top!r}.")
-    if gene_symbols is not None and gene_symbols not in ad.var.columns:
-        raise KeyError(f"gene_symbols: {gene_symbols!r} is not a column of adata.var.")
+    labels = gene_labels(ad, symbol_column(ad, gene_symbols))
     keys = [key] if compare is None else [key, compare]
     from sc_dta.tl._rank import _check_key
 
@@ -192,7 +242,11 @@ def target_shift(
             raise ValueError(f"ax: expected {len(keys)} axes (one per key {keys}), got {len(axes)}.")
         fig = axes[0].figure
     for a, k in zip(axes, keys, strict=True):
-        _draw(a, ad, k, int(n_top), sets, gene_symbols)
+        _draw(a, ad, k, int(n_top), sets, labels)
+    if len(axes) > 1:
+        _match_scales(axes)
+    for a, k in zip(axes, keys, strict=True):
+        _scale_x(a, value_label(ad, k))
     if ax is None:
         fig.tight_layout()
     if show is None:
