@@ -310,3 +310,56 @@ def test_perturb_gene_key_follows_kind():
         ["perturb-gene", "in.h5ad", "--model", "m", "--gene", "G", "--kind", "overexpress"]
     )
     assert args.key_added is None  # perturb_gene then writes dta_shift_overexpress, not dta_shift_delete
+
+
+@pytest.fixture
+def result_file(tmp_path):
+    """A small perturbation result (laid out as perturb_tss writes it) with var['gene_symbols'], as .h5ad."""
+    from test_rank import shift_adata
+
+    a, _, _ = shift_adata(seed=3)
+    path = tmp_path / "result.h5ad"
+    a.write_h5ad(path)
+    return path, a
+
+
+def test_rank_gene_symbols(result_file, tmp_path, capsys):
+    path, a = result_file
+    csv = tmp_path / "rank.csv"
+    assert main(["rank", str(path), "--show", "4", "--csv", str(csv)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "symbol"
+    table = pd.read_csv(csv, index_col=0)
+    assert list(table["symbol"]) == ["sym" + g[1:] for g in table.index]  # the symbol of each var name
+    first = lines[1].split()
+    assert first[:2] == [table.index[0], table["symbol"].iloc[0]]
+    # an explicit column, and none
+    a.var["other"] = [f"o{j}" for j in range(a.n_vars)]
+    a.write_h5ad(path)
+    assert main(["rank", str(path), "--show", "2", "--gene-symbols", "other"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1] == "o" + table.index[0][1:]
+    assert main(["rank", str(path), "--show", "2", "--gene-symbols", "none", "--csv", str(csv)]) == 0
+    assert "symbol" not in capsys.readouterr().out
+    assert "symbol" not in pd.read_csv(csv, index_col=0).columns
+    assert main(["rank", str(path), "--gene-symbols", "nope"]) == 2
+    assert "nope" in _one_line_error(capsys, "rank")
+
+
+def test_plot_gene_symbols_default_auto(result_file, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    path, _ = result_file
+    seen = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):  # observe the figure the command saves (and save it for real)
+        seen.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    assert main(["plot", str(path), "-o", str(tmp_path / "a.png"), "--n-top", "3"]) == 0
+    assert main(["plot", str(path), "-o", str(tmp_path / "b.png"), "--n-top", "3", "--gene-symbols", "none"]) == 0
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    auto, off = ([t.get_text() for t in fig.axes[0].get_yticklabels()] for fig in seen)
+    assert all(t.startswith("sym") for t in auto) and all(t.startswith("G") for t in off)
+    assert [t[3:] for t in auto] == [t[1:] for t in off]

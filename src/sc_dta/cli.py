@@ -325,6 +325,27 @@ def cmd_perturb_gene(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gene_symbols(value: str | None) -> str | None:
+    """``--gene-symbols``: a var column, ``auto`` (detect one) or ``none`` (var names only)."""
+    if value is None or value.strip().lower() in {"none", "off", "false", ""}:
+        return None
+    return "auto" if value.strip().lower() == "auto" else value
+
+
+def _with_symbols(table: Any, adata: AnnData, gene_symbols: str | None) -> Any:
+    """Insert a ``symbol`` column (first) into a table indexed by var names, when a symbol column is found."""
+    from .pl._labels import gene_labels, symbol_column
+
+    column = symbol_column(adata, gene_symbols)
+    if column is None or "symbol" in table.columns:
+        return table
+    labels = gene_labels(adata, column)
+    rows = adata.var_names.get_indexer(table.index)
+    table = table.copy()
+    table.insert(0, "symbol", [labels[r] if r >= 0 else name for r, name in zip(rows, table.index, strict=True)])
+    return table
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     """Run :func:`sc_dta.tl.rank_targets` and print the top genes and the metrics."""
     from .tl import rank_targets
@@ -332,6 +353,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     adata = read_h5ad(args.input)
     targets = _parse_targets(args.targets)
     table = rank_targets(adata, args.key, known_targets=targets, n_top=args.top_k, min_cells=args.min_cells)
+    table = _with_symbols(table, adata, _gene_symbols(args.gene_symbols))
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -365,7 +387,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         args.key,
         compare=args.compare,
         highlight=targets,
-        gene_symbols=args.gene_symbols,
+        gene_symbols=_gene_symbols(args.gene_symbols),
         n_top=args.n_top,
         show=False,
         return_fig=True,
@@ -626,6 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=50, help="k for hits@k")
     p.add_argument("--min-cells", type=_positive_int, default=1, help="rank genes measured in at least this many cells")
     p.add_argument("--show", type=_nonneg_int, default=20, help="rows of the ranking to print")
+    p.add_argument(
+        "--gene-symbols",
+        default="auto",
+        help="var column whose symbols are shown (and written to --csv) as a 'symbol' column; 'auto' takes the "
+        "first of gene_symbol, gene_symbols, gene_name, feature_name; 'none' for var names only",
+    )
     p.add_argument("--csv", default=None, help="write the full ranking to this CSV file")
     p.add_argument("-o", "--output", default=None, help="also write the .h5ad with the ranking stored in uns")
 
@@ -640,7 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="image file (.png, .pdf, .svg)")
     p.add_argument("--key", default="dta_shift", help="perturbation key")
     p.add_argument("--compare", default=None, help="second perturbation key drawn side by side, e.g. dta_shift_delete")
-    p.add_argument("--gene-symbols", default=None, help="var column with gene labels (default: var_names)")
+    p.add_argument(
+        "--gene-symbols",
+        default="auto",
+        help="var column with the gene labels; 'auto' takes the first of gene_symbol, gene_symbols, gene_name, "
+        "feature_name; 'none' for var names",
+    )
     p.add_argument("--targets", action="append", help="NAME=FILE target lists to highlight")
     p.add_argument("--n-top", type=_positive_int, default=30, help="genes to show")
     p.add_argument("--dpi", type=_positive_int, default=150, help="resolution of raster images")
