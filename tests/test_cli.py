@@ -238,9 +238,11 @@ def test_pipeline_rank_and_plot(pipeline, capsys):
     sim = pipeline["sim"]
     res = ad.read_h5ad(pipeline["files"]["result"])
     table = pd.read_csv(pipeline["csv"], index_col=0)
-    means = res.var["dta_shift_mean"].dropna().sort_values(ascending=False, kind="stable")
-    assert list(table.index) == list(means.index)
-    np.testing.assert_allclose(table["mean_shift"].to_numpy(), means.to_numpy(), rtol=1e-6)
+    means = res.var["dta_shift_mean"].dropna()
+    signed = res.uns["dta_shift"]["params"].get("readout", "cosine") != "cosine"  # signed: ranked by magnitude
+    order = (means.abs() if signed else means).sort_values(ascending=False, kind="stable").index
+    assert list(table.index) == list(order)
+    np.testing.assert_allclose(table["mean_shift"].to_numpy(), means[order].to_numpy(), rtol=1e-6)
     assert set(table.index[table["target_direct"]]) == set(sim.truth["direct"]) & set(table.index)
     assert set(table.index[table["target_indirect"]]) == set(sim.truth["indirect"]) & set(table.index)
     assert pipeline["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -363,3 +365,79 @@ def test_plot_gene_symbols_default_auto(result_file, tmp_path, monkeypatch):
     auto, off = ([t.get_text() for t in fig.axes[0].get_yticklabels()] for fig in seen)
     assert all(t.startswith("sym") for t in auto) and all(t.startswith("G") for t in off)
     assert [t[3:] for t in auto] == [t[1:] for t in off]
+
+
+def _help_entries(text: str) -> list[str]:
+    """Each option's (or positional's) help entry of an argparse --help text, continuation lines joined."""
+    import re
+
+    entries: list[str] = []
+    for line in text.splitlines():
+        if re.match(r"^  \S", line):
+            entries.append(line.strip())
+        elif line.startswith("   ") and entries:
+            entries[-1] += " " + line.strip()
+        else:
+            entries.append("")  # a section title or a blank line ends the entry
+    return [e for e in entries if e]
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help_states_each_default_once(command, capsys):
+    assert main(["--help"] if command is None else [command, "--help"]) == 0
+    entries = _help_entries(capsys.readouterr().out)
+    assert entries
+    for entry in entries:
+        assert entry.lower().count("default") <= 1, entry
+        assert "(default: None)" not in entry and "(default: False)" not in entry, entry
+    if command == "rank":
+        show = next(e for e in entries if e.startswith("--show"))
+        assert show.endswith("(default: 20)")
+    if command == "embed-dna":
+        device = next(e for e in entries if e.startswith("--device"))
+        assert device.endswith("(default: settings)")
+
+
+def test_global_options_after_the_command(tmp_path, capsys, monkeypatch):
+    from sc_dta.cli import CLIError
+
+    args = build_parser().parse_args(["rank", "x.h5ad", "--debug", "-q", "-vv"])
+    assert args.sub_debug and args.sub_quiet and args.sub_verbose == 2
+    missing = str(tmp_path / "missing.h5ad")
+    assert main(["rank", missing]) == 2  # a one-line error ...
+    _one_line_error(capsys, "rank")
+    with pytest.raises(CLIError, match="does not exist"):  # ... and with --debug after the command, the exception
+        main(["rank", missing, "--debug"])
+    monkeypatch.setattr(dta.settings, "progress", True)
+    monkeypatch.setattr(dta.settings, "verbosity", "WARNING")  # restored after the test
+    assert main(["prefetch", "--list", "--quiet", "-v"]) == 0
+    assert dta.settings.progress is False and dta.settings.verbosity == "INFO"
+    assert main(["-v", "prefetch", "--list", "-v"]) == 0  # before and after add up
+    assert dta.settings.verbosity == "DEBUG"
+
+
+def test_closed_stdout_is_not_a_traceback():
+    """`sc-dta prefetch --list | head -0`: the reader has gone before anything is written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sc_dta", "prefetch", "--list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # long before the command prints (importing takes a while)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_rank_show_zero_prints_no_table(result_file, tmp_path, capsys):
+    path, a = result_file
+    assert main(["rank", str(path), "--show", "0"]) == 0
+    assert capsys.readouterr().out == ""
+    targets = tmp_path / "t.txt"
+    targets.write_text("G1\nG2\nG3\n")
+    assert main(["rank", str(path), "--show", "0", "--targets", str(targets)]) == 0
+    out = capsys.readouterr().out
+    assert "Empty DataFrame" not in out
+    lines = out.splitlines()
+    assert "auroc" in lines[0] and lines[1].split()[0] == "t"  # only the metrics, no blank line first

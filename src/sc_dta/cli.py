@@ -357,10 +357,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(table.head(args.show).to_string())
+        if args.show > 0:  # --show 0: no ranking rows (only the metrics, if any)
+            print(table.head(args.show).to_string())
         metrics = table.attrs.get("metrics")
         if metrics:
-            print()
+            if args.show > 0:
+                print()
             print(pd.DataFrame(metrics).T.to_string(float_format=lambda v: f"{v:.4g}"))
     if args.csv is not None:
         table.to_csv(args.csv)
@@ -425,8 +427,16 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Append ``(default: X)`` to an option's help once: not when the help states its default, nor for flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional argument has no default to state
+        return f"{text} (default: %(default)s)"
 
 
 def _bounded(convert: type, minimum: float, *, strict: bool, what: str):
@@ -477,6 +487,14 @@ def _add_encoder(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=_positive_int, default=4, help="k-mer length for --encoder kmer")
     g.add_argument("--revision", default=None, help="pinned revision of the Enformer weights")
     g.add_argument("--seed", type=int, default=0, help="seed of the random-weight enformer-small")
+
+
+def _add_global_options(p: argparse.ArgumentParser) -> None:
+    """``-v``, ``-q`` and ``--debug`` after the command too (``sc-dta rank x.h5ad --debug``)."""
+    g = p.add_argument_group("global options (also accepted before the command)")
+    g.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0, help="more log messages")
+    g.add_argument("-q", "--quiet", dest="sub_quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks for errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -647,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=_positive_int, default=50, help="k for hits@k")
     p.add_argument("--min-cells", type=_positive_int, default=1, help="rank genes measured in at least this many cells")
-    p.add_argument("--show", type=_nonneg_int, default=20, help="rows of the ranking to print")
+    p.add_argument("--show", type=_nonneg_int, default=20, help="rows of the ranking to print (0: only the metrics)")
     p.add_argument(
         "--gene-symbols",
         default="auto",
@@ -692,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the registry entries and groups")
     p.add_argument("--cache-dir", default=None, help="data cache for files (default: settings.cache_dir)")
     p.add_argument("--hf-cache-dir", default=None, help="Hugging Face cache for model repositories")
+
+    for p in sub.choices.values():
+        _add_global_options(p)
     return parser
 
 
@@ -708,6 +729,21 @@ def _configure_logging(verbose: int) -> None:
         root.addHandler(handler)
 
 
+#: Exit status after the reader of stdout went away (``sc-dta rank x.h5ad | head``), as for a process killed by
+#: SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured, closed)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sc-dta`` console script; returns the exit status."""
     parser = build_parser()
@@ -715,14 +751,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    debug = args.debug or os.environ.get("SC_DTA_DEBUG", "").lower() in {"1", "true", "yes"}
-    _configure_logging(args.verbose)
-    if args.quiet:
+    debug = (
+        args.debug
+        or getattr(args, "sub_debug", False)
+        or os.environ.get("SC_DTA_DEBUG", "").lower() in {"1", "true", "yes"}
+    )
+    _configure_logging(args.verbose + getattr(args, "sub_verbose", 0))
+    if args.quiet or getattr(args, "sub_quiet", False):
         from ._settings import settings
 
         settings.progress = False
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (CLIError, *USER_ERRORS) as e:
         if debug:
             raise
