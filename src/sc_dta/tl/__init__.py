@@ -10,6 +10,8 @@ _EXPORTS = {
     "perturb_gene": "._perturb",
     "perturb_tss": "._perturb",
     "rank_targets": "._rank",
+    "control_mutations": "._controls",
+    "coexpression": "._coexpression",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

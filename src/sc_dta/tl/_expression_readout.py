@@ -74,6 +74,7 @@ def run_expression_readout(
     seed: int = 0,
     batch_size: int | None = None,
     device=None,
+    insert_absent: bool = False,
     desc: str = "expression readout",
 ) -> list[ExpressionResult]:
     """Expression readout of every spec on the cells that contain the perturbed gene.
@@ -98,6 +99,10 @@ def run_expression_readout(
         Masked sequences per forward pass (default ``settings.batch_size_cells``).
     device
         Compute device.
+    insert_absent
+        ``overexpress`` evaluates the cells *lacking* the gene, inserting it (for position-free models, where
+        moving a present gene to the front changes nothing); otherwise it moves the gene to the front of the
+        cells that have it (Geneformer).
     desc
         Progress-bar label.
 
@@ -125,7 +130,9 @@ def run_expression_readout(
     columns = np.asarray(columns, dtype=np.int64)
 
     cells = [np.asarray(c, dtype=np.int64) for c in cells]
-    todo = np.asarray([i for i, c in enumerate(cells) if np.any(c == gene)], dtype=np.int64)
+    has = np.fromiter((bool(np.any(c == gene)) for c in cells), dtype=bool, count=len(cells))
+    evaluable = np.stack([~has if (s.kind == "overexpress" and insert_absent) else has for s in specs])
+    todo = np.flatnonzero(evaluable.any(axis=0))
     lengths = np.asarray([len(cells[i]) for i in todo], dtype=np.int64)
     order = todo[np.argsort(-lengths, kind="stable")]
     sorted_lengths = np.sort(lengths)[::-1]
@@ -187,7 +194,18 @@ def run_expression_readout(
                 batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs_cells, min_fill)]
                 try:
                     out = _readout_batch(
-                        batch, cells, specs, overrides, presence, special, gene, cls_id, eos_id, n_folds, seed
+                        batch,
+                        cells,
+                        specs,
+                        evaluable,
+                        overrides,
+                        presence,
+                        special,
+                        gene,
+                        cls_id,
+                        eos_id,
+                        n_folds,
+                        seed,
                     )
                 except oom:
                     if bs_cells == 1 and batch_size == 1:
@@ -221,7 +239,7 @@ def run_expression_readout(
     return final
 
 
-def _readout_batch(batch, cells, specs, overrides, presence, special, gene, cls_id, eos_id, n_folds, seed):
+def _readout_batch(batch, cells, specs, evaluable, overrides, presence, special, gene, cls_id, eos_id, n_folds, seed):
     """Readout of one batch of cells for every spec: list of (evaluated cell indices, delta rows)."""
     import torch
 
@@ -237,9 +255,11 @@ def _readout_batch(batch, cells, specs, overrides, presence, special, gene, cls_
         return [(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)) for _ in specs]
     e0 = presence([seqs[j] for j in keep], [slots[j] for j in keep], [folds[j] for j in keep], None)
     out = []
-    for spec, override in zip(specs, overrides, strict=True):
+    for k, (spec, override) in enumerate(zip(specs, overrides, strict=True)):
         pseqs, pslots, pfolds, prow = [], [], [], []
         for r, j in enumerate(keep):
+            if not evaluable[k, batch[j]]:
+                continue
             res = perturb_tokens(seqs[j], spec, special_ids=special, cls_id=cls_id, eos_id=eos_id, max_length=10**9)
             if res is None:
                 continue

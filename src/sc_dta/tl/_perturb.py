@@ -28,7 +28,7 @@ __all__ = ["perturb_gene", "perturb_tss"]
 
 #: Suffixes of the slots written for one result key.
 OBS_SUFFIXES = ("_cell", "_cell_emb", "_evaluated")
-VAR_SUFFIXES = ("_mean", "_n")
+VAR_SUFFIXES = ("_mean", "_n", "_pval", "_specificity")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -299,6 +299,51 @@ def _assemble(
     return layer, obs, var
 
 
+def _assemble_expression(
+    adata: AnnData, res: Any, rows: np.ndarray, tok2col: np.ndarray
+) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Turn an expression-readout result into the layer / obs / var arrays (nothing written yet)."""
+    from scipy import sparse
+
+    tokens = np.asarray(res.tokens)
+    cols = np.where(tokens < tok2col.shape[0], tok2col[np.minimum(tokens, tok2col.shape[0] - 1)], -1)
+    ok = cols >= 0
+    cell_rows = rows[res.cells]
+    values = res.delta[:, ok]
+    finite = np.isfinite(values)
+    r = np.repeat(cell_rows, finite.sum(axis=1))
+    c = np.broadcast_to(cols[ok], values.shape)[finite]
+    layer = sparse.csr_matrix((values[finite], (r, c)), shape=(adata.n_obs, adata.n_vars), dtype=np.float32)
+    layer.sort_indices()
+    n = np.zeros(adata.n_vars, dtype=np.int64)
+    np.add.at(n, c, 1)
+    total = np.zeros(adata.n_vars, dtype=np.float64)
+    np.add.at(total, c, values[finite].astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
+    cell = np.full(adata.n_obs, np.nan, dtype=np.float32)
+    evaluated = np.zeros(adata.n_obs, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        cell[cell_rows] = np.nanmean(np.abs(np.where(finite, values, np.nan)), axis=1) if values.size else np.nan
+    evaluated[cell_rows] = True
+    return layer, {"_cell": cell, "_evaluated": evaluated}, {"_mean": mean, "_n": n}
+
+
+def _var_columns(run: Any) -> np.ndarray:
+    """Token ids of the genes of ``adata.var`` that are in the vocabulary (the readout's columns)."""
+    return np.asarray(sorted(int(t) for t in run.tokens.token_to_var()), dtype=np.int64)
+
+
+READOUTS = ("expression", "cosine")
+
+
+def _check_readout(readout: str, n_folds: int) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"readout: expected 'expression' or 'cosine', got {readout!r}.")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or n_folds < 1:
+        raise ValueError(f"n_folds: must be a positive integer, got {n_folds!r}.")
+
+
 def _write(adata: AnnData, key: str, layer: Any, obs: dict, var: dict, params: dict) -> None:
     adata.layers[key] = layer
     for suffix, values in obs.items():
@@ -350,18 +395,34 @@ class _Run:
     def results(self, model: nn.Module, specs: list[PerturbSpec], **kwargs: Any) -> list[ShiftResult]:
         return run_perturbations(model, self.cells, specs, **self.specials, **kwargs)
 
-    def params(self, gene: str, model: nn.Module, emb_layer: int, res: ShiftResult) -> dict[str, Any]:
-        return {
+    def expression(self, model: nn.Module, specs: list[PerturbSpec], **kwargs: Any) -> list[Any]:
+        from sc_dta.tl._expression_readout import run_expression_readout
+
+        sp = {k: v for k, v in self.specials.items() if k != "max_length"}
+        return run_expression_readout(
+            model, self.cells, specs, mask_id=int(self.vocab.mask_id), columns=_var_columns(self), **sp, **kwargs
+        )
+
+    def assemble(self, readout: str, res: Any) -> tuple[Any, dict, dict]:
+        if readout == "expression":
+            return _assemble_expression(self.adata, res, self.rows, self.tok2col)
+        return _assemble(self.adata, res, self.rows, self.tok2col)
+
+    def params(self, gene: str, model: nn.Module, emb_layer: int, res: Any, readout: str) -> dict[str, Any]:
+        out = {
             "gene": gene,
             "gene_id": self.gene_id,
             "token_id": int(self.token_id),
             "model": _model_info(model),
-            "emb_layer": int(emb_layer),
+            "readout": readout,
             "cells": self.n_selected,
-            "n_evaluated": int(res.evaluated.sum()),
-            "cell_emb": res.cell_emb_mode,
             "vocab": str(getattr(self.vocab, "version", "")),
         }
+        if readout == "cosine":
+            out |= {"emb_layer": int(emb_layer), "n_evaluated": int(res.evaluated.sum()), "cell_emb": res.cell_emb_mode}
+        else:
+            out |= {"n_evaluated": int(len(res.cells))}
+        return out
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -373,10 +434,13 @@ def perturb_gene(
     *,
     model: nn.Module,
     kind: Literal["delete", "overexpress"] | Sequence[str] = "delete",
+    readout: Literal["expression", "cosine"] = "expression",
     cells: Sequence[str] | np.ndarray | None = None,
     tokens: Any = None,
     key_added: str | None = None,
-    emb_layer: int = -1,
+    emb_layer: int | str = -1,
+    n_folds: int = 7,
+    seed: int = 0,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     copy: bool = False,
@@ -460,18 +524,30 @@ def perturb_gene(
     else:
         keys = [f"{key_added}_{k}" for k in kinds]
 
+    _check_readout(readout, n_folds)
     data = adata.copy() if copy else adata
     ad = get_anndata(data, mod)
     _check_keys(ad, keys)
     run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=False)
+    insert = bool(getattr(model, "position_free", False))
     specs = [PerturbSpec(kind=k, token_id=run.token_id) for k in kinds]
-    results = run.results(
-        model, specs, emb_layer=emb_layer, batch_size=batch_size, device=device, desc=f"{'/'.join(kinds)} {gene}"
-    )
+    desc = f"{'/'.join(kinds)} {gene}"
+    if readout == "expression":
+        results = run.expression(
+            model, specs, n_folds=n_folds, seed=seed, batch_size=batch_size, device=device, desc=desc,
+            insert_absent=insert,
+        )  # fmt: skip
+    else:
+        results = run.results(
+            model, specs, emb_layer=emb_layer, batch_size=batch_size, device=device, desc=desc,
+            overexpress_absent=insert and "overexpress" in kinds,
+        )  # fmt: skip
     outputs = []
     for k, key, res in zip(kinds, keys, results, strict=True):
-        layer, obs, var = _assemble(ad, res, run.rows, run.tok2col)
-        params = run.params(gene, model, emb_layer, res) | {"kind": k, "mutation": k}
+        layer, obs, var = run.assemble(readout, res)
+        params = run.params(gene, model, emb_layer, res, readout) | {"kind": k, "mutation": k}
+        if readout == "expression":
+            params |= {"n_folds": int(n_folds), "seed": int(seed)}
         outputs.append((key, layer, obs, var, params))
     for out in outputs:
         _write(ad, *out)
@@ -508,24 +584,35 @@ def perturb_tss(
     model: nn.Module,
     genome: Genome,
     encoder: DNAEncoder,
+    readout: Literal["expression", "cosine"] = "expression",
+    n_controls: int = 0,
     cells: Sequence[str] | np.ndarray | None = None,
     tokens: Any = None,
     key_added: str = "dta_shift",
-    emb_layer: int = -1,
+    emb_layer: int | str = -1,
+    n_folds: int = 7,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     copy: bool = False,
     mod: str = "rna",
 ) -> AnnData | MuData | None:
-    """Mutate a gene's TSS in silico and measure, cell by cell, how every other gene's embedding shifts.
+    """Mutate a gene's TSS in silico and predict, cell by cell, how every other gene responds.
 
-    The gene's DNA window (:func:`sc_dta.tl._dna_cache.tss_window`, centred on its TSS from
-    ``adata.var['tss_chrom'|'tss_pos'|'tss_strand']``) is mutated and embedded with ``encoder``;
-    the BioDTA adapter maps it to the gene's new input token embedding. The original input is the
-    model's normal dynamic embedding (reference DNA), the perturbed input the same tokens with only
-    this gene's input embedding replaced. Shift = ``1 - cos`` of each other gene's contextual
-    embeddings at ``emb_layer``; only cells whose tokens contain the gene are evaluated.
+    The gene's DNA window (centred on its TSS from ``adata.var['tss_chrom'|'tss_pos'|'tss_strand']``) is
+    mutated and embedded with ``encoder``; the BioDTA adapter maps it to the gene's new input token embedding.
+    The original input is the model's normal dynamic embedding (reference DNA), the perturbed input the same
+    tokens with only this gene's input embedding replaced. Only cells whose tokens contain the gene are evaluated.
+
+    ``readout="expression"`` (default) asks the model's masked-gene head: the change in each gene's expected
+    presence in the cell, log E(perturbed) - log E(original) (signed; see the method page of the docs),
+    for every gene of the vocabulary. ``readout="cosine"`` is Geneformer's shift, ``1 - cos`` of each other gene's
+    contextual embedding at ``emb_layer``, for the genes in the cell's tokens.
+
+    With ``n_controls`` the same readout is computed for that many matched control mutations
+    (:func:`sc_dta.tl.control_mutations`: same kind and size, elsewhere in the window, motifs kept), sharing the
+    unperturbed forward pass, and every gene gets an empirical p-value (how often a control moves it at least as
+    much) and a specificity ratio (its shift over its mean control shift, in magnitude).
 
     Parameters
     ----------
@@ -544,6 +631,10 @@ def perturb_tss(
         The :class:`~sc_dta.genome.Genome` the windows are cut from.
     encoder
         The DNA encoder the model's adapter was trained on.
+    readout
+        ``"expression"`` or ``"cosine"`` (see above).
+    n_controls
+        Matched control mutations per mutation (0 = none).
     cells
         Boolean mask over ``obs``, obs names, or None for all cells.
     tokens
@@ -552,13 +643,15 @@ def perturb_tss(
         Result key for a single mutation; for a list, ``f"{key_added}_{i}"`` for element ``i``
         (``uns[key]['params']['mutation']`` holds its text).
     emb_layer
-        Layer compared: ``-1`` second-to-last (default), ``0`` last.
+        Layer compared by the cosine readout: ``-1``/``"second_to_last"`` (default), ``0``/``"last"``.
+    n_folds
+        Folds of masked positions of the expression readout (each gene position is masked once).
     batch_size
-        Cells per forward pass (default ``settings.batch_size_cells``).
+        Sequences per forward pass (default ``settings.batch_size_cells``).
     device
         Compute device (default ``settings.device``).
     seed
-        Seed for random mutations.
+        Seed for random mutations, the readout's folds and the controls.
     copy
         Return a copy instead of writing to ``adata``.
     mod
@@ -567,10 +660,12 @@ def perturb_tss(
     Returns
     -------
     ``adata`` copy when ``copy=True``, else None. Writes for each key the same slots as
-    :func:`perturb_gene` (``layers[key]``, ``obs[key + '_cell' | '_cell_emb' | '_evaluated']``,
-    ``var[key + '_mean' | '_n']``, ``uns[key]['params']`` with the mutation text, window, encoder
-    and seed). The unperturbed forward pass is computed once for all mutations.
+    :func:`perturb_gene` (``layers[key]``, ``obs[key + '_cell' | '_evaluated']``, ``var[key + '_mean' | '_n']``,
+    ``uns[key]['params']`` with the mutation text, window, encoder and seed); with controls also
+    ``var[key + '_pval']``, ``var[key + '_specificity']`` and ``uns[key]['controls']`` (the control mutations,
+    their per-gene mean shifts ``mean`` (controls × genes) and the gene order ``var_names``).
     """
+    from sc_dta.tl._controls import control_mutations
     from sc_dta.tl._dna_cache import embed_windows, tss_window
 
     if not (hasattr(model, "embed_tokens") and hasattr(model, "backbone")):
@@ -578,6 +673,9 @@ def perturb_tss(
             f"model: perturb_tss needs a BioDTA (DNA-aware token embeddings), got {type(model).__name__}; "
             "use perturb_gene for the adapter-free baseline."
         )
+    _check_readout(readout, n_folds)
+    if isinstance(n_controls, bool) or not isinstance(n_controls, int | np.integer) or n_controls < 0:
+        raise ValueError(f"n_controls: must be a non-negative integer, got {n_controls!r}.")
     groups, is_list = _mutation_groups(mutation)
     keys = [f"{key_added}_{i}" for i in range(len(groups))] if is_list else [key_added]
 
@@ -589,8 +687,20 @@ def perturb_tss(
     _check_dna(model, run.token_id, gene, encoder)
 
     reference = tss_window(genome, chrom, tss, strand, encoder)
+    all_groups: list[list[Any]] = []
+    owner: list[tuple[int, int]] = []  # (mutation index, -1 for the mutation itself or the control index)
+    for i, group in enumerate(groups):
+        all_groups.append(group)
+        owner.append((i, -1))
+        if n_controls:
+            try:
+                controls = control_mutations(genome, chrom, tss, strand, group, encoder, n=int(n_controls), seed=seed)
+            except ValueError as e:
+                raise ValueError(f"controls for mutation {_mutation_text(group)!r} of {gene!r}: {e}") from e
+            all_groups += controls
+            owner += [(i, c) for c in range(len(controls))]
     windows = []
-    for group in groups:
+    for group in all_groups:
         try:
             seq = tss_window(genome, chrom, tss, strand, encoder, mutations=group, seed=seed)
         except (ValueError, KeyError) as e:
@@ -608,11 +718,20 @@ def perturb_tss(
     embeddings = embed_windows(windows, encoder, device=device)
 
     specs = [PerturbSpec(kind="embedding", token_id=run.token_id, dna_override=e) for e in embeddings]
-    results = run.results(model, specs, emb_layer=emb_layer, batch_size=batch_size, device=device, desc=f"TSS {gene}")
+    if readout == "expression":
+        results = run.expression(
+            model, specs, n_folds=n_folds, seed=seed, batch_size=batch_size, device=device, desc=f"TSS {gene}"
+        )
+    else:
+        results = run.results(
+            model, specs, emb_layer=emb_layer, batch_size=batch_size, device=device, desc=f"TSS {gene}"
+        )
+    assembled = [run.assemble(readout, res) for res in results]
     outputs = []
-    for group, key, res in zip(groups, keys, results, strict=True):
-        layer, obs, var = _assemble(ad, res, run.rows, run.tok2col)
-        params = run.params(gene, model, emb_layer, res) | {
+    for i, (group, key) in enumerate(zip(groups, keys, strict=True)):
+        main = owner.index((i, -1))
+        layer, obs, var = assembled[main]
+        params = run.params(gene, model, emb_layer, results[main], readout) | {
             "kind": "tss_mutation",
             "mutation": _mutation_text(group),
             "seed": int(seed),
@@ -625,10 +744,53 @@ def perturb_tss(
             },
             "genome": str(getattr(genome, "name", "")),
         }
-        outputs.append((key, layer, obs, var, params))
-    for out in outputs:
-        _write(ad, *out)
+        if readout == "expression":
+            params["n_folds"] = int(n_folds)
+        extra_uns = {}
+        ctrl_idx = [k for k, (m, c) in enumerate(owner) if m == i and c >= 0]
+        if ctrl_idx:
+            ctrl_means = np.stack([assembled[k][2]["_mean"] for k in ctrl_idx]).astype(np.float32)
+            pval, spec_ratio = control_statistics(var["_mean"], ctrl_means)
+            var = var | {"_pval": pval, "_specificity": spec_ratio}
+            extra_uns["controls"] = {
+                "mutations": np.asarray([_mutation_text(all_groups[k]) for k in ctrl_idx], dtype=object),
+                "mean": ctrl_means,
+                "var_names": np.asarray(ad.var_names.astype(str), dtype=object),
+            }
+            params["n_controls"] = len(ctrl_idx)
+        outputs.append((key, layer, obs, var, params, extra_uns))
+    for key, layer, obs, var, params, extra_uns in outputs:
+        _write(ad, key, layer, obs, var, params)
+        if extra_uns:
+            ad.uns[key] = dict(ad.uns[key]) | extra_uns
     return data if copy else None
+
+
+def control_statistics(shift: np.ndarray, controls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene empirical p-value and specificity ratio of a mutation's shifts against its controls.
+
+    Parameters
+    ----------
+    shift
+        ``(n_genes,)`` mean shift of each gene under the mutation.
+    controls
+        ``(n_controls, n_genes)`` the same under each control mutation.
+
+    Returns
+    -------
+    ``pval``: ``(1 + #controls with |shift| >= the mutation's) / (1 + n_controls)``; ``specificity``:
+    ``|shift| / mean |control shift|``. NaN where the gene was not measured.
+    """
+    shift = np.abs(np.asarray(shift, dtype=np.float64))
+    ctrl = np.abs(np.asarray(controls, dtype=np.float64))
+    n = ctrl.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pval = (1.0 + np.sum(ctrl >= shift[None, :], axis=0)) / (1.0 + n)
+        ratio = shift / np.mean(ctrl, axis=0)
+    bad = ~np.isfinite(shift) | ~np.isfinite(ctrl).all(axis=0)
+    pval[bad] = np.nan
+    ratio[bad] = np.nan
+    return pval.astype(np.float32), ratio.astype(np.float32)
 
 
 def _gene_tss(adata: AnnData, gene: str, pos: int) -> tuple[str, int, str]:
