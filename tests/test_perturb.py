@@ -120,7 +120,7 @@ def test_batches_bound_padding():
 def test_storage_contract(setup_both, tmp_path):
     a, vocab, model, tokens = setup_both
     a = a.copy()
-    dta.tl.perturb_gene(a, GENE, model=model)  # tokenizes itself
+    dta.tl.perturb_gene(a, GENE, model=model, readout="cosine")  # tokenizes itself
     key = "dta_shift_delete"
     layer = a.layers[key]
     assert sp.issparse(layer) and layer.format == "csr" and layer.dtype == np.float32
@@ -198,11 +198,11 @@ def test_cells_subset_mudata_and_batches(setup):
     a, vocab, model, tokens = setup
     m = md.MuData({"rna": a.copy()})
     subset = ["cell2", "cell6", "cell9", "cell1"]
-    dta.tl.perturb_gene(m, GENE, model=model, cells=subset, key_added="sub", batch_size=2)
+    dta.tl.perturb_gene(m, GENE, model=model, readout="cosine", cells=subset, key_added="sub", batch_size=2)
     rna = m["rna"]
     ev = rna.obs["sub_evaluated"]
     assert set(ev.index[ev]) == {"cell2", "cell6", "cell9"}  # cell1 lacks the gene
-    full = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True, batch_size=16)
+    full = dta.tl.perturb_gene(a, GENE, model=model, readout="cosine", tokens=tokens, copy=True, batch_size=16)
     rows = [a.obs_names.get_loc(c) for c in ("cell2", "cell6", "cell9")]
     np.testing.assert_allclose(
         rna.layers["sub"][rows].toarray(), full.layers["dta_shift_delete"][rows].toarray(), atol=2e-6
@@ -344,6 +344,7 @@ def test_perturb_tss_matches_reference(tss_setup, tmp_path):
         model=model,
         genome=genome,
         encoder=encoder,
+        readout="cosine",
         batch_size=3,
     )
     assert {"dta_shift_0", "dta_shift_1", "dta_shift_2"} <= set(a.layers)
@@ -374,7 +375,7 @@ def test_perturb_tss_matches_reference(tss_setup, tmp_path):
     import mudata as md
 
     m = md.MuData({"rna": a.copy()})
-    dta.tl.perturb_tss(m, gene, snv, model=model, genome=genome, encoder=encoder, key_added="one")
+    dta.tl.perturb_tss(m, gene, snv, model=model, genome=genome, encoder=encoder, readout="cosine", key_added="one")
     np.testing.assert_allclose(m["rna"].layers["one"].toarray(), layer, atol=1e-6)
     m["rna"].write_h5ad(tmp_path / "t.h5ad")
     assert ad.read_h5ad(tmp_path / "t.h5ad").uns["one"]["params"]["mutation"] == snv
@@ -428,3 +429,50 @@ def test_model_mode_restored_after_success_and_failure(tss_setup):
         assert model.training
     finally:
         model.eval()
+
+
+def test_expression_readout_storage(setup):
+    """Default readout: signed log-ratios for every var gene in the vocabulary, in each evaluated cell."""
+    a, vocab, model, tokens = setup
+    out = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True, n_folds=3)
+    key = "dta_shift_delete"
+    params = out.uns[key]["params"]
+    assert params["readout"] == "expression" and params["n_folds"] == 3
+    has = np.array([vocab.token_ids[GENE] in ids for ids in tokens.input_ids])
+    np.testing.assert_array_equal(out.obs[key + "_evaluated"].to_numpy(), has)
+    in_vocab = np.array([g in vocab.token_ids for g in a.var_names])
+    in_vocab[a.var_names.get_loc(GENE)] = False
+    vals = out.layers[key].toarray()
+    stored = np.zeros(vals.shape, dtype=bool)
+    coo = out.layers[key].tocoo()
+    stored[coo.row, coo.col] = True
+    np.testing.assert_array_equal(stored, has[:, None] & in_vocab[None, :])
+    assert (vals[stored] < 0).any() and (vals[stored] > 0).any()  # signed
+    n = stored.sum(0)
+    np.testing.assert_array_equal(out.var[key + "_n"].to_numpy(), n)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(n > 0, vals.sum(0) / np.maximum(n, 1), np.nan)
+    np.testing.assert_allclose(out.var[key + "_mean"].to_numpy(), mean, rtol=1e-5)
+    cell = out.obs[key + "_cell"].to_numpy()
+    for i in np.flatnonzero(has):
+        assert cell[i] == pytest.approx(np.abs(vals[i, stored[i]]).mean(), rel=1e-5)
+    assert np.isnan(cell[~has]).all()
+    # batching does not change the result
+    again = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True, n_folds=3, batch_size=2)
+    np.testing.assert_allclose(again.layers[key].toarray(), vals, atol=2e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="source bug: the fold assignment is seeded by the index among the *selected* cells, not the obs row, "
+    "so a cell's expression readout changes with cells=",
+)
+def test_expression_readout_independent_of_cell_subset(setup):
+    a, vocab, model, tokens = setup
+    subset = ["cell2", "cell6", "cell9"]
+    sub = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, cells=subset, copy=True)
+    full = dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True)
+    rows = [a.obs_names.get_loc(c) for c in subset]
+    np.testing.assert_allclose(
+        sub.layers["dta_shift_delete"][rows].toarray(), full.layers["dta_shift_delete"][rows].toarray(), atol=2e-5
+    )

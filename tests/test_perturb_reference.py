@@ -237,7 +237,9 @@ def test_perturb_gene_matches_reference(setup):
 
     vocab, gene, cells, model, model64 = setup
     adata, tokens = make_adata(vocab, cells)
-    dta.tl.perturb_gene(adata, vocab.id_to_token[gene], model=model, kind="delete", tokens=tokens, batch_size=3)
+    dta.tl.perturb_gene(
+        adata, vocab.id_to_token[gene], model=model, kind="delete", readout="cosine", tokens=tokens, batch_size=3
+    )
     ref = reference_shifts(model64, vocab, cells, "delete", gene, MAX_LEN)
     layer = adata.layers["dta_shift_delete"].toarray()
     var_of = {int(t): j for j, t in enumerate(tokens.var_token_ids) if t >= 0}
