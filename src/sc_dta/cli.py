@@ -180,7 +180,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         n_cells=args.n_cells,
         n_genes=args.n_genes,
+        umis_per_cell=args.umis_per_cell,
         epochs=args.epochs,
+        n_controls=args.n_controls,
         device=args.device,
         threads=args.threads,
         verbose=True,
@@ -227,7 +229,7 @@ def cmd_embed_dna(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Build (or load) a BioDTA model and run :func:`sc_dta.tl.train_adapter`; save it to ``--model-out``."""
-    from ._demo import new_biodta
+    from .models import BioDTA
     from .tl import train_adapter
 
     adata = read_h5ad(args.input)
@@ -236,17 +238,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.input}: adata.varm has no {args.dna_key!r}; run `sc-dta embed-dna` first.")
     if args.model is not None:
         model = _load_model(args.model, device=args.device)
-        freeze = True if args.freeze_backbone is None else args.freeze_backbone
     else:
-        model = new_biodta(
-            adata,
-            dna_key=args.dna_key,
-            hidden_size=args.hidden_size,
-            n_layers=args.n_layers,
-            n_heads=args.n_heads,
-            seed=args.seed,
-        )
-        freeze = False if args.freeze_backbone is None else args.freeze_backbone
+        overrides = {
+            k: v
+            for k, v in {"hidden_size": args.hidden_size, "n_layers": args.n_layers, "n_heads": args.n_heads}.items()
+            if v is not None
+        }
+        model = BioDTA.from_adata(adata, dna_key=args.dna_key, seed=args.seed, **overrides)
     model = train_adapter(
         adata,
         model,
@@ -254,13 +252,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        freeze_backbone=freeze,
+        freeze_backbone=args.freeze_backbone,
         seed=args.seed,
         device=args.device,
     )
     out = Path(args.model_out).expanduser()
     model.save_pretrained(out)
-    print(f"saved model to {out}", file=sys.stderr)
+    gain = adata.uns["train_adapter"]["context_gain"]
+    print(f"saved model to {out} (context gain {gain:.3f} nats per masked gene)", file=sys.stderr)
     return 0
 
 
@@ -526,16 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
         "simulate data with a planted GRN and run the whole method on the CPU",
         "Simulate cells from a gene regulatory network with a planted transcription factor (TF) and targets, "
-        "annotate TSSs, embed DNA, train a small Bio-DTA model from scratch, delete the TF's promoter motifs "
-        "in silico (perturb-tss), compare with deleting the TF token (perturb-gene), and score both rankings "
+        "annotate TSSs, embed DNA, build and train Bio-DTA from the cells (BioDTA.from_adata, train_adapter), "
+        "delete the TF's promoter motifs in silico with matched control deletions (perturb-tss), compare with "
+        "deleting and overexpressing the TF token (perturb-gene) and co-expression, and score every ranking "
         "against the planted targets. Writes a figure and the result .h5ad into --out.",
     )
     p.add_argument("--out", default="sc_dta_demo", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (simulation, model initialisation, training)")
-    p.add_argument("--encoder", choices=["kmer", "enformer-small"], default="kmer", help="DNA encoder")
+    p.add_argument("--encoder", choices=["kmer", "motif", "enformer-small"], default="kmer", help="DNA encoder")
     p.add_argument("--n-cells", type=_positive_int, default=3000, help="number of simulated cells")
-    p.add_argument("--n-genes", type=_positive_int, default=300, help="number of simulated genes")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the demo's)")
+    p.add_argument("--n-genes", type=_positive_int, default=150, help="number of simulated genes")
+    p.add_argument("--umis-per-cell", type=_positive_float, default=50.0, help="mean UMIs per simulated cell")
+    p.add_argument("--n-controls", type=_positive_int, default=10, help="matched control deletions")
+    p.add_argument(
+        "--epochs", type=_positive_int, default=None, help="training epochs (default: train_adapter's budget)"
+    )
     p.add_argument("--device", default=None, help="compute device (default: settings, i.e. auto)")
     p.add_argument(
         "--threads",
@@ -579,14 +583,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train a Bio-DTA model (adapter and optionally the cell model) by masked-gene modelling",
         "Train a BioDTA model on the cells (sc_dta.tl.train_adapter) and save it with save_pretrained. With "
         "--model, start from a Geneformer checkpoint or a saved BioDTA directory; otherwise build a small BioDTA "
-        "from scratch with a vocabulary made from the data (GeneformerVocab.from_adata).",
+        "from the cells with BioDTA.from_adata (the recipe of the demo and benchmarks/science.py).",
     )
     p.add_argument("input", help="input .h5ad file with raw counts and varm[--dna-key]")
     p.add_argument("--model-out", required=True, help="directory to save the trained model")
     p.add_argument("--model", default=None, help="Geneformer checkpoint (name or path) or BioDTA directory")
     p.add_argument("--dna-key", default="dna_emb", help="varm key of the DNA embeddings")
-    p.add_argument("--epochs", type=_positive_int, default=1, help="training epochs")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="training epochs (default: budget from the data, early stopping)",
+    )
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
     p.add_argument(
         "--freeze-backbone",
         action=argparse.BooleanOptionalAction,
@@ -594,9 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="freeze the cell model and train only the adapter (default: frozen for a pretrained --model, "
         "trained for a model built from scratch)",
     )
-    p.add_argument("--hidden-size", type=_positive_int, default=64, help="hidden size of a model built from scratch")
-    p.add_argument("--n-layers", type=_positive_int, default=2, help="layers of a model built from scratch")
-    p.add_argument("--n-heads", type=_positive_int, default=4, help="attention heads of a model built from scratch")
+    p.add_argument(
+        "--hidden-size",
+        type=_positive_int,
+        default=None,
+        help="hidden size of a model built from scratch (from_adata's)",
+    )
+    p.add_argument("--n-layers", type=_positive_int, default=None, help="layers of a model built from scratch")
+    p.add_argument("--n-heads", type=_positive_int, default=None, help="attention heads of a model built from scratch")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _add_device(p)
 

@@ -110,6 +110,7 @@ def simulated_grn(
     gene_spacing: int = 4000,
     tf_motif: str = DEFAULT_MOTIF,
     dispersion: float = 20.0,
+    umis_per_cell: float | None = None,
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
 ) -> SimulatedGRN:
@@ -171,6 +172,9 @@ def simulated_grn(
         The TF binding motif (A/C/G/T, 6–30 bp, not its own reverse complement).
     dispersion
         Negative-binomial dispersion θ (larger = less noise).
+    umis_per_cell
+        Sparse 10x-like data: the counts are thinned binomially so that each cell keeps about this many UMIs on
+        average (each count kept with probability ``min(1, umis_per_cell / total)``); None keeps the full counts.
     seed
         Random seed; the same seed and parameters give identical counts, FASTA and GTF.
     out_dir
@@ -203,6 +207,8 @@ def simulated_grn(
         "dispersion": dispersion,
         "seed": seed,
     }
+    if umis_per_cell is not None:
+        params["umis_per_cell"] = float(umis_per_cell)
     _validate(params)
     tf_motif = tf_motif.upper()
     params["tf_motif"] = tf_motif
@@ -267,6 +273,13 @@ def simulated_grn(
 
     # ---- expression -----------------------------------------------------------------------------
     counts, obs = _simulate_counts(rng, n_cells, types, role, mtype, dispersion)
+    if umis_per_cell is not None:
+        if not umis_per_cell > 0:
+            raise ValueError(f"umis_per_cell must be positive or None, got {umis_per_cell!r}.")
+        totals = counts.sum(axis=1, keepdims=True)
+        keep = np.minimum(1.0, float(umis_per_cell) / np.maximum(totals, 1))
+        counts = np.random.default_rng([seed, 100]).binomial(counts, keep).astype(np.int32)
+        obs["n_counts"] = counts.sum(axis=1)
 
     # ---- assemble -------------------------------------------------------------------------------
     import anndata as ad

@@ -419,7 +419,14 @@ class _Run:
             "vocab": str(getattr(self.vocab, "version", "")),
         }
         if readout == "cosine":
-            out |= {"emb_layer": int(emb_layer), "n_evaluated": int(res.evaluated.sum()), "cell_emb": res.cell_emb_mode}
+            from sc_dta.models._forward import n_layers, resolve_emb_layer
+
+            layer_index = resolve_emb_layer(model, emb_layer) - n_layers(model)
+            out |= {
+                "emb_layer": int(layer_index),
+                "n_evaluated": int(res.evaluated.sum()),
+                "cell_emb": res.cell_emb_mode,
+            }
         else:
             out |= {"n_evaluated": int(len(res.cells))}
         return out
