@@ -121,19 +121,121 @@ def test_mudata_and_errors():
         dta.tl.rank_targets(a, min_cells=10_000)
 
 
-def test_gene_pvalues_against_pooled_shifts():
-    from scipy.stats import false_discovery_control
+def signed_adata(seed=5, n_obs=30, n_vars=40, key="dta_shift"):
+    """A signed (expression-readout-like) result, measured everywhere except the perturbed gene G5."""
+    rng = np.random.default_rng(seed)
+    vals = rng.normal(0, 0.1, (n_obs, n_vars)) + rng.normal(0, 0.3, n_vars)[None, :]
+    vals[:, 5] = 0.0
+    present = np.ones_like(vals, dtype=bool)
+    present[:, 5] = False
+    a = ad.AnnData(X=sp.csr_matrix((n_obs, n_vars), dtype=np.float32))
+    a.var_names = [f"G{j}" for j in range(n_vars)]
+    a.obs_names = [f"c{i}" for i in range(n_obs)]
+    a.layers[key] = sp.csr_matrix(vals.astype(np.float32))
+    a.var[key + "_mean"] = np.where(present.any(0), vals.mean(0), np.nan).astype(np.float32)
+    a.var[key + "_n"] = present.sum(0)
+    a.obs[key + "_evaluated"] = True
+    a.uns[key] = {"params": {"gene": "G5", "readout": "expression"}}
+    return a, vals.astype(np.float32), present
 
-    a, vals, present = shift_adata(seed=4, n_obs=25, n_vars=30)
-    vals = np.round(vals, 3)  # ties, as float32 shifts can have
-    a.layers["dta_shift"] = sp.csr_matrix(vals)
-    present = vals > 0
+
+def test_direction_orders():
+    a, vals, present = signed_adata()
+    mean = a.var["dta_shift_mean"].to_numpy(dtype=np.float64)
+    ok = np.isfinite(mean)
+    names = a.var_names.to_numpy()
+    for direction, score in [("magnitude", np.abs(mean)), ("up", mean), ("down", -mean)]:
+        df = dta.tl.rank_targets(a, direction=direction)
+        expect = names[ok][np.argsort(-score[ok], kind="stable")]
+        assert df.index.tolist() == expect.tolist(), direction
+        np.testing.assert_allclose(df["score"].to_numpy(), np.sort(score[ok])[::-1], rtol=1e-6)
+        assert a.uns["dta_shift"]["ranking"]["params"]["direction"] == direction
+    up, down = dta.tl.rank_targets(a, direction="up"), dta.tl.rank_targets(a, direction="down")
+    assert up["mean_shift"].iloc[0] > 0 > down["mean_shift"].iloc[0]
+    assert "G5" not in up.index
+    with pytest.raises(ValueError, match="direction"):
+        dta.tl.rank_targets(a, direction="sideways")
+    # without controls or groupby there are no p-values
     df = dta.tl.rank_targets(a)
-    for g in [df.index[0], df.index[len(df) // 2], df.index[-1]]:
-        j = int(g[1:])
-        x = vals[present[:, j], j]
-        rest = np.concatenate([vals[present[:, k], k] for k in range(vals.shape[1]) if k != j])
-        expect = mannwhitneyu(x, rest, alternative="greater", method="asymptotic").pvalue
-        assert df.loc[g, "pval"] == pytest.approx(expect, rel=1e-6)
-    np.testing.assert_allclose(df["pval_adj"].to_numpy(), false_discovery_control(df["pval"].to_numpy()), rtol=1e-10)
-    assert df["pval"].iloc[0] < df["pval"].iloc[-1]
+    assert df["pval"].isna().all() and a.uns["dta_shift"]["ranking"]["params"]["pvalues"] == "none"
+
+
+def test_pvalues_from_controls():
+    a, vals, present = signed_adata(seed=6)
+    rng = np.random.default_rng(0)
+    pval = rng.random(a.n_vars).astype(np.float32)
+    pval[5] = np.nan
+    spec = rng.gamma(2.0, 1.0, a.n_vars).astype(np.float32)
+    a.var["dta_shift_pval"] = pval
+    a.var["dta_shift_specificity"] = spec
+    a.obs["donor"] = np.repeat(["d0", "d1", "d2"], a.n_obs // 3)
+    df = dta.tl.rank_targets(a, groupby="donor")  # controls take precedence over pseudo-bulk
+    j = np.array([int(g[1:]) for g in df.index])
+    np.testing.assert_allclose(df["pval"].to_numpy(), pval[j].astype(np.float64))
+    np.testing.assert_allclose(df["specificity"].to_numpy(), spec[j].astype(np.float64))
+    p = df["pval"].to_numpy()
+    order = np.argsort(p)
+    m = len(p)
+    adj = np.minimum.accumulate((p[order] * m / np.arange(1, m + 1))[::-1])[::-1]
+    expect = np.empty(m)
+    expect[order] = np.minimum(adj, 1)
+    np.testing.assert_allclose(df["pval_adj"].to_numpy(), expect, rtol=1e-10)
+    assert a.uns["dta_shift"]["ranking"]["params"]["pvalues"] == "controls"
+
+
+@pytest.mark.parametrize("readout", ["expression", "cosine"])
+def test_pseudobulk_pvalues_against_ttest(readout):
+    from scipy.stats import ttest_1samp
+
+    a, vals, present = signed_adata(seed=7, n_obs=36)
+    if readout == "cosine":
+        vals = np.abs(vals)
+        a.layers["dta_shift"] = sp.csr_matrix(vals)
+        a.var["dta_shift_mean"] = np.where(present.any(0), vals.sum(0) / np.maximum(present.sum(0), 1), np.nan)
+    a.uns["dta_shift"]["params"]["readout"] = readout
+    donors = np.array(["d0", "d1", "d2", "d3"])[np.random.default_rng(1).integers(0, 4, a.n_obs)]
+    a.obs["donor"] = donors
+    ev = np.ones(a.n_obs, dtype=bool)
+    ev[:4] = False  # not evaluated cells do not count
+    a.obs["dta_shift_evaluated"] = ev
+    df = dta.tl.rank_targets(a, groupby="donor")
+    assert a.uns["dta_shift"]["ranking"]["params"]["pvalues"] == "pseudobulk:donor"
+    groups = [g for g in ["d0", "d1", "d2", "d3"] if (ev & (donors == g)).any()]
+    means = np.array([[vals[ev & (donors == g), k].mean() for k in range(a.n_vars)] for g in groups])
+    means[:, 5] = np.nan
+    if readout == "cosine":
+        means = means - np.nanmedian(means, axis=1, keepdims=True)
+    for g in df.index:
+        k = int(g[1:])
+        alt = "two-sided" if readout == "expression" else "greater"
+        expect = ttest_1samp(means[:, k], 0.0, alternative=alt).pvalue
+        assert df.loc[g, "pval"] == pytest.approx(expect, rel=1e-4), g
+    with pytest.raises(KeyError, match="groupby"):
+        dta.tl.rank_targets(a, groupby="nope")
+
+
+def test_compare_records_and_target_table():
+    a, vals, present = signed_adata(seed=8)
+    rng = np.random.default_rng(2)
+    a.var["other_mean"] = rng.normal(0, 1, a.n_vars)
+    a.var["other_n"] = 10
+    targets = ["G1", "G2", "G3", "G7"]
+    df = dta.tl.rank_targets(a, known_targets=targets, compare=["other"], n_top=5)
+    rows = pd.DataFrame(df.attrs["comparison"])
+    assert rows["key"].tolist() == ["dta_shift", "other"] and (rows["targets"] == "targets").all()
+    assert rows.iloc[0]["auroc"] == pytest.approx(df.attrs["metrics"]["targets"]["auroc"])
+    other = np.abs(a.var["other_mean"].to_numpy())
+    is_t = np.isin(a.var_names, targets)
+    pos, neg = other[is_t], other[~is_t]
+    pairs = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    assert rows.iloc[1]["auroc"] == pytest.approx(pairs / (len(pos) * len(neg)))
+    top = a.var_names[np.argsort(-other, kind="stable")[:5]]
+    assert rows.iloc[1]["hits"] == int(np.isin(top, targets).sum())
+    assert rows.iloc[1]["n_genes"] == a.n_vars
+    assert isinstance(a.uns["dta_shift"]["ranking"]["comparison"], pd.DataFrame)
+    with pytest.raises(KeyError, match="nope"):
+        dta.tl.rank_targets(a, compare=["nope"])
+    # a source/target table selects the rows of the perturbed TF (params gene G5)
+    table = pd.DataFrame({"source": ["G5", "G5", "G9"], "target": ["G1", "G2", "G3"]})
+    df = dta.tl.rank_targets(a, known_targets=table)
+    assert set(df.index[df["is_target"]]) == {"G1", "G2"}
