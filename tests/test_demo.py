@@ -4,12 +4,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import mannwhitneyu
 
 from sc_dta._demo import make_encoder, run_demo
 from sc_dta.cli import main
 
-SMALL = ["--n-cells", "240", "--n-genes", "130", "--epochs", "1"]
+SMALL = ["--n-cells", "240", "--n-genes", "130", "--epochs", "1", "--n-controls", "3"]
 
 
 def _auroc(pos, neg):
@@ -36,39 +35,47 @@ def test_demo_metrics_match_independent_computation(demo_run):
     out, _ = demo_run
     metrics = pd.read_csv(out / "metrics.csv")
     res = ad.read_h5ad(out / "demo.h5ad")
-    assert set(metrics["method"]) == {"Bio-DTA (TSS motif deletion)", "baseline (TF token deletion)", "chance"}
-    assert set(metrics["targets"]) == {"direct", "indirect"}
+    assert list(metrics["method"]) == [
+        "Bio-DTA motif deletion",
+        "matched control deletion",
+        "TF token deletion",
+        "TF overexpression",
+        "co-expression",
+        "chance",
+    ]
     tf = res.uns["simulated_grn"]["tf"]
-    roles = res.var["sim_role"]
+    roles = res.var["sim_role"].drop(tf)
+    groups = {"direct": roles == "direct", "indirect": roles == "indirect"}
+    groups["descendants"] = groups["direct"] | groups["indirect"]
     for method, key in (
-        ("Bio-DTA (TSS motif deletion)", "dta_shift"),
-        ("baseline (TF token deletion)", "dta_shift_delete"),
+        ("Bio-DTA motif deletion", "dta_shift"),
+        ("TF token deletion", "dta_shift_delete"),
+        ("TF overexpression", "dta_shift_overexpress"),
+        ("co-expression", "coexpression"),
     ):
-        score = res.var[f"{key}_mean"].drop(tf).dropna()
-        top = set(score.sort_values(ascending=False).index[:20])
-        for group in ("direct", "indirect"):
-            row = metrics[(metrics["method"] == method) & (metrics["targets"] == group)].iloc[0]
-            is_t = (roles[score.index] == group).to_numpy()
-            pos, neg = score.to_numpy()[is_t], score.to_numpy()[~is_t]
-            assert row["n_targets"] == is_t.sum() and row["n_ranked"] == len(score)
-            assert row["hits@20"] == len(top & set(score.index[is_t]))
-            assert row["auroc"] == pytest.approx(_auroc(pos, neg), abs=1e-9)
-            assert row["mannwhitney_p"] == pytest.approx(mannwhitneyu(pos, neg, alternative="greater").pvalue)
-    chance = metrics[metrics["method"] == "chance"].set_index("targets")
-    for group in ("direct", "indirect"):
-        n_t, n = chance.loc[group, "n_targets"], chance.loc[group, "n_ranked"]
-        assert chance.loc[group, "hits@20"] == pytest.approx(20 * n_t / n)
-        assert chance.loc[group, "auroc"] == 0.5
+        score = res.var[f"{key}_mean"].drop(tf).abs()
+        ok = score.notna().to_numpy()
+        row = metrics[metrics["method"] == method].iloc[0]
+        for group, mask in groups.items():
+            m = mask.to_numpy()
+            assert row[group] == pytest.approx(_auroc(score[ok & m], score[ok & ~m]), abs=1e-9)
+    # controls: the mean AUROC over the control mutations' rankings
+    ctrl = np.abs(np.asarray(res.uns["dta_shift"]["controls"]["mean"]))[:, res.var_names != tf]
+    m = groups["descendants"].to_numpy()
+    expected = np.mean([_auroc(c[np.isfinite(c) & m], c[np.isfinite(c) & ~m]) for c in ctrl])
+    assert metrics[metrics["method"] == "matched control deletion"]["descendants"].iloc[0] == pytest.approx(expected)
+    assert (metrics[metrics["method"] == "chance"][["direct", "indirect", "descendants"]] == 0.5).all(axis=None)
     # the perturbed cells are the cardiomyocytes that express the TF
     evaluated = res.obs["dta_shift_evaluated"].to_numpy()
     tf_counts = np.asarray(res.X[:, res.var_names.get_loc(tf)].todense()).ravel()
     assert (res.obs.loc[evaluated, "cell_type"] == "cardiomyocyte").all()
     assert (tf_counts[evaluated] > 0).all()
+    assert "context_gain" in res.uns["train_adapter"]
 
 
 def test_demo_reproducible(demo_run, tmp_path):
     out, _ = demo_run
-    again = run_demo(tmp_path, seed=3, n_cells=240, n_genes=130, epochs=1, verbose=False)
+    again = run_demo(tmp_path, seed=3, n_cells=240, n_genes=130, epochs=1, n_controls=3, verbose=False)
     first = pd.read_csv(out / "metrics.csv")
     pd.testing.assert_frame_equal(first, pd.read_csv(again["paths"]["metrics"]))
     res = ad.read_h5ad(out / "demo.h5ad")
