@@ -462,11 +462,6 @@ def test_expression_readout_storage(setup):
     np.testing.assert_allclose(again.layers[key].toarray(), vals, atol=2e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: the fold assignment is seeded by the index among the *selected* cells, not the obs row, "
-    "so a cell's expression readout changes with cells=",
-)
 def test_expression_readout_independent_of_cell_subset(setup):
     a, vocab, model, tokens = setup
     subset = ["cell2", "cell6", "cell9"]

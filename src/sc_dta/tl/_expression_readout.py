@@ -75,6 +75,7 @@ def run_expression_readout(
     batch_size: int | None = None,
     device=None,
     insert_absent: bool = False,
+    cell_ids: Sequence[int] | np.ndarray | None = None,
     desc: str = "expression readout",
 ) -> list[ExpressionResult]:
     """Expression readout of every spec on the cells that contain the perturbed gene.
@@ -103,6 +104,9 @@ def run_expression_readout(
         ``overexpress`` evaluates the cells *lacking* the gene, inserting it (for position-free models, where
         moving a present gene to the front changes nothing); otherwise it moves the gene to the front of the
         cells that have it (Geneformer).
+    cell_ids
+        A stable id per cell (e.g. its ``obs`` row) seeding its folds, so a cell's result does not depend on
+        which other cells are evaluated; default the position in ``cells``.
     desc
         Progress-bar label.
 
@@ -130,6 +134,9 @@ def run_expression_readout(
     columns = np.asarray(columns, dtype=np.int64)
 
     cells = [np.asarray(c, dtype=np.int64) for c in cells]
+    ids = np.arange(len(cells)) if cell_ids is None else np.asarray(cell_ids, dtype=np.int64)
+    if ids.shape != (len(cells),):
+        raise ValueError(f"cell_ids: expected {len(cells)} ids, got shape {ids.shape}.")
     has = np.fromiter((bool(np.any(c == gene)) for c in cells), dtype=bool, count=len(cells))
     evaluable = np.stack([~has if (s.kind == "overexpress" and insert_absent) else has for s in specs])
     todo = np.flatnonzero(evaluable.any(axis=0))
@@ -239,7 +246,9 @@ def run_expression_readout(
     return final
 
 
-def _readout_batch(batch, cells, specs, evaluable, overrides, presence, special, gene, cls_id, eos_id, n_folds, seed):
+def _readout_batch(
+    batch, cells, ids, specs, evaluable, overrides, presence, special, gene, cls_id, eos_id, n_folds, seed
+):
     """Readout of one batch of cells for every spec: list of (evaluated cell indices, delta rows)."""
     import torch
 
@@ -249,7 +258,7 @@ def _readout_batch(batch, cells, specs, evaluable, overrides, presence, special,
         gene_pos = np.flatnonzero(~np.isin(seq, special) & (seq != gene))
         seqs.append(seq)
         slots.append(gene_pos)
-        folds.append(fold_assignment(gene_pos.size, n_folds, seed, int(i)))
+        folds.append(fold_assignment(gene_pos.size, n_folds, seed, int(ids[i])))
     keep = [j for j, s in enumerate(slots) if s.size > 0]
     if not keep:
         return [(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)) for _ in specs]

@@ -400,7 +400,14 @@ class _Run:
 
         sp = {k: v for k, v in self.specials.items() if k != "max_length"}
         return run_expression_readout(
-            model, self.cells, specs, mask_id=int(self.vocab.mask_id), columns=_var_columns(self), **sp, **kwargs
+            model,
+            self.cells,
+            specs,
+            mask_id=int(self.vocab.mask_id),
+            columns=_var_columns(self),
+            cell_ids=self.rows,
+            **sp,
+            **kwargs,
         )
 
     def assemble(self, readout: str, res: Any) -> tuple[Any, dict, dict]:
