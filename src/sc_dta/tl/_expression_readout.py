@@ -203,6 +203,7 @@ def run_expression_readout(
                     out = _readout_batch(
                         batch,
                         cells,
+                        ids,
                         specs,
                         evaluable,
                         overrides,
