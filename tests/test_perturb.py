@@ -247,20 +247,41 @@ def test_errors_leave_adata_unchanged(setup):
     assert_unchanged(a, snap)
 
 
-def test_key_collision_warns_and_overwrites(setup):
+def test_key_collision_refuses_foreign_slots_and_overwrites_own_results(setup):
     a, vocab, model, tokens = setup
     a = a.copy()
     a.obs["k_cell"] = 1.0
-    with pytest.warns(UserWarning, match="overwriting"):
-        dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="k")
-    first = a.layers["k"].copy()
-    with pytest.warns(UserWarning, match="overwriting"):
-        dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="k")
-    assert abs(a.layers["k"] - first).max() < 1e-6
-    assert a.obs["k_cell"].isna().sum() == (~a.obs["k_evaluated"]).sum()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    a.layers["counts"] = a.X.copy()
+    snap = a.copy()
+    # slots that are not a previous perturb_gene result are never overwritten
+    for key in ("k", "counts"):
+        with pytest.raises(ValueError, match=f"key_added='{key}'.*not a previous perturb_gene result"):
+            dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added=key)
+    assert (a.layers["counts"] != snap.layers["counts"]).nnz == 0 and "k" not in a.uns
+    # a previous result is overwritten, with a warning issued only once the new result exists
+    dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="fresh")
+    first = a.layers["fresh"].copy()
+    with pytest.warns(UserWarning, match="overwriting the previous result"):
         dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, key_added="fresh")
+    assert abs(a.layers["fresh"] - first).max() < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failing call does not warn
+        with pytest.raises(KeyError):
+            dta.tl.perturb_gene(a, "NOT_A_GENE", model=model, tokens=tokens, key_added="fresh")
+
+
+def test_layer_argument_reads_raw_counts_from_a_layer(setup):
+    a, vocab, model, tokens = setup
+    raw = a.copy()
+    a = a.copy()
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X)  # what sc.pp.log1p leaves in X
+    with pytest.raises(ValueError, match="raw"):
+        dta.tl.perturb_gene(a, GENE, model=model, copy=True)
+    res = dta.tl.perturb_gene(a, GENE, model=model, layer="counts", copy=True)
+    ref = dta.tl.perturb_gene(raw, GENE, model=model, copy=True)
+    np.testing.assert_allclose(res.var["dta_shift_delete_mean"], ref.var["dta_shift_delete_mean"], equal_nan=True)
+    assert res.uns["dta_shift_delete"]["params"]["layer"] == "counts"
 
 
 # ----------------------------------------------------------------------------- BioDTA + TSS mutations

@@ -52,7 +52,7 @@ def _vocab_of(model: nn.Module, tokens: Any) -> Any:
         ) from e
 
 
-def _tokenize(adata: AnnData, model: nn.Module, tokens: Any) -> Any:
+def _tokenize(adata: AnnData, model: nn.Module, tokens: Any, layer: str | None = None) -> Any:
     if tokens is not None:
         for attr in ("input_ids", "obs_names", "var_token_ids", "token_to_var"):
             if not hasattr(tokens, attr):
@@ -71,7 +71,32 @@ def _tokenize(adata: AnnData, model: nn.Module, tokens: Any) -> Any:
     vocab = _vocab_of(model, None)
     n_pos = _max_positions(model)
     max_length = min(int(vocab.max_length), n_pos) if n_pos else None
-    return tokenize(adata, vocab=vocab, max_length=max_length)  # never modifies adata
+    return tokenize(adata, vocab=vocab, max_length=max_length, layer=layer)  # never modifies adata
+
+
+def _as_model(model: Any, device: Any = None) -> nn.Module:
+    """Return ``model``, or load it from a path: a saved BioDTA folder, else a Geneformer name or folder."""
+    import os
+    from pathlib import Path
+
+    if not isinstance(model, str | os.PathLike):
+        return model
+    from sc_dta.models import BioDTA, load_geneformer
+    from sc_dta.models.biodta import _CONFIG_FILE
+
+    path = Path(model).expanduser()
+    if (path / _CONFIG_FILE).exists():
+        return BioDTA.from_pretrained(path, device=device)
+    return load_geneformer(str(model), device=device)
+
+
+def _as_encoder(encoder: Any) -> DNAEncoder:
+    """Return ``encoder``, or build it from its name."""
+    if isinstance(encoder, str):
+        from sc_dta.models.encoders import encoder_from_name
+
+        return encoder_from_name(encoder)
+    return encoder
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -250,6 +275,8 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
 
 def _existing_slots(adata: AnnData, key: str) -> list[str]:
     slots = []
+    if key in adata.varm:
+        slots.append(f"varm[{key!r}]")
     if key in adata.layers:
         slots.append(f"layers[{key!r}]")
     slots += [f"obs[{key + s!r}]" for s in OBS_SUFFIXES if key + s in adata.obs]
@@ -259,15 +286,43 @@ def _existing_slots(adata: AnnData, key: str) -> list[str]:
     return slots
 
 
-def _check_keys(adata: AnnData, keys: Sequence[str]) -> None:
+#: ``uns[key]['params']['kind']`` of the results each function writes (a key holding another is not overwritten).
+RESULT_KINDS = {"perturb_gene": ("delete", "overexpress"), "perturb_tss": ("tss_mutation",)}
+
+
+def _check_keys(adata: AnnData, keys: Sequence[str], function: str) -> list[str]:
+    """Validate result keys; refuse to overwrite slots that are not a previous result of ``function``.
+
+    Returns the keys holding a previous result (overwritten, with a warning, once the new result exists).
+    """
     if len(set(keys)) != len(keys):
         raise ValueError(f"key_added: the result keys {list(keys)} are not unique.")
+    previous = []
     for key in keys:
         if not isinstance(key, str) or not key:
             raise ValueError(f"key_added: expected a non-empty string, got {key!r}.")
         slots = _existing_slots(adata, key)
-        if slots:
-            warnings.warn(f"key {key!r}: overwriting existing {', '.join(slots)}.", UserWarning, stacklevel=3)
+        if not slots:
+            continue
+        uns = adata.uns.get(key)
+        params = uns.get("params") if isinstance(uns, Mapping) else None
+        kind = params.get("kind") if isinstance(params, Mapping) else None
+        if kind not in RESULT_KINDS[function] or key in adata.varm:
+            raise ValueError(
+                f"key_added={key!r}: {', '.join(slots)} already exist and are not a previous {function} result; "
+                "choose another key_added (nothing was written)."
+            )
+        previous.append(key)
+    return previous
+
+
+def _warn_overwrite(adata: AnnData, keys: Sequence[str]) -> None:
+    for key in keys:
+        warnings.warn(
+            f"key {key!r}: overwriting the previous result ({', '.join(_existing_slots(adata, key))}).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _assemble(
@@ -357,14 +412,22 @@ class _Run:
     """Everything both public functions share: tokens, gene, cells, and the final write."""
 
     def __init__(
-        self, adata: AnnData, gene: str, model: nn.Module, tokens: Any, cells: Any, emb_layer: int, need_var: bool
+        self,
+        adata: AnnData,
+        gene: str,
+        model: nn.Module,
+        tokens: Any,
+        cells: Any,
+        emb_layer: int | str,
+        need_var: bool,
+        layer: str | None = None,
     ) -> None:
         from sc_dta.models._forward import resolve_emb_layer
 
         self.adata = adata
         resolve_emb_layer(model, emb_layer)
         mask = _cells_mask(adata, cells)
-        self.tokens = _tokenize(adata, model, tokens)
+        self.tokens = _tokenize(adata, model, tokens, layer)
         self.vocab = _vocab_of(model, self.tokens)
         if tokens is not None:
             _check_tokens_fit(model, self.tokens)
@@ -450,6 +513,7 @@ def perturb_gene(
     kind: Literal["delete", "overexpress"] | Sequence[str] = "delete",
     readout: Literal["expression", "cosine"] = "expression",
     cells: Sequence[str] | np.ndarray | None = None,
+    layer: str | None = None,
     tokens: Any = None,
     key_added: str | None = None,
     emb_layer: int | str = -1,
@@ -483,9 +547,11 @@ def perturb_gene(
         once and shared.
     cells
         Boolean mask over ``obs``, obs names, or None for all cells.
+    layer
+        Layer with the raw counts (default ``X``, as in scanpy), e.g. ``"counts"`` after ``sc.pp.log1p``.
     tokens
         A :class:`~sc_dta.pp.TokenizedCells` from :func:`sc_dta.pp.tokenize` to reuse; None tokenizes
-        ``adata`` with the model's vocabulary.
+        ``adata`` (or ``layer``) with the model's vocabulary.
     key_added
         Result key. Default ``"dta_shift_delete"`` / ``"dta_shift_overexpress"``; with several kinds a
         given ``key_added`` becomes ``f"{key_added}_{kind}"``.
@@ -541,8 +607,9 @@ def perturb_gene(
     _check_readout(readout, n_folds)
     data = adata.copy() if copy else adata
     ad = get_anndata(data, mod)
-    _check_keys(ad, keys)
-    run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=False)
+    previous = _check_keys(ad, keys, "perturb_gene")
+    model = _as_model(model, device)
+    run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=False, layer=layer)
     insert = bool(getattr(model, "position_free", False))
     specs = [PerturbSpec(kind=k, token_id=run.token_id) for k in kinds]
     desc = f"{'/'.join(kinds)} {gene}"
@@ -558,11 +625,12 @@ def perturb_gene(
         )  # fmt: skip
     outputs = []
     for k, key, res in zip(kinds, keys, results, strict=True):
-        layer, obs, var = run.assemble(readout, res)
-        params = run.params(gene, model, emb_layer, res, readout) | {"kind": k, "mutation": k}
+        shifts, obs, var = run.assemble(readout, res)
+        params = run.params(gene, model, emb_layer, res, readout) | {"kind": k, "mutation": k, "layer": layer or "X"}
         if readout == "expression":
             params |= {"n_folds": int(n_folds), "seed": int(seed)}
-        outputs.append((key, layer, obs, var, params))
+        outputs.append((key, shifts, obs, var, params))
+    _warn_overwrite(ad, previous)
     for out in outputs:
         _write(ad, *out)
     logger.info("perturb_gene(%s, %s): %d cells evaluated", gene, kinds, run.n_with_gene)
@@ -601,6 +669,7 @@ def perturb_tss(
     readout: Literal["expression", "cosine"] = "expression",
     n_controls: int = 0,
     cells: Sequence[str] | np.ndarray | None = None,
+    layer: str | None = None,
     tokens: Any = None,
     key_added: str = "dta_shift",
     emb_layer: int | str = -1,
@@ -640,19 +709,22 @@ def perturb_tss(
         element. An element that is itself a list (e.g. :func:`~sc_dta.genome.read_vcf` output) is
         applied as one haplotype.
     model
-        A trained :class:`~sc_dta.models.BioDTA`.
+        A trained :class:`~sc_dta.models.BioDTA`, or the folder it was saved to.
     genome
-        The :class:`~sc_dta.genome.Genome` the windows are cut from.
+        The :class:`~sc_dta.genome.Genome` the windows are cut from, or its FASTA path(s).
     encoder
-        The DNA encoder the model's adapter was trained on.
+        The DNA encoder the model's adapter was trained on, or its name (:func:`sc_dta.models.encoder_from_name`).
     readout
         ``"expression"`` or ``"cosine"`` (see above).
     n_controls
         Matched control mutations per mutation (0 = none).
     cells
         Boolean mask over ``obs``, obs names, or None for all cells.
+    layer
+        Layer with the raw counts (default ``X``, as in scanpy), e.g. ``"counts"`` after ``sc.pp.log1p``.
     tokens
-        A :class:`~sc_dta.pp.TokenizedCells` to reuse; None tokenizes with the model's vocabulary.
+        A :class:`~sc_dta.pp.TokenizedCells` to reuse; None tokenizes ``adata`` (or ``layer``) with the model's
+        vocabulary.
     key_added
         Result key for a single mutation; for a list, ``f"{key_added}_{i}"`` for element ``i``
         (``uns[key]['params']['mutation']`` holds its text).
@@ -681,12 +753,16 @@ def perturb_tss(
     """
     from sc_dta.tl._controls import control_mutations
     from sc_dta.tl._dna_cache import embed_windows, tss_window
+    from sc_dta.tl._embed_dna import _as_genome
 
+    model = _as_model(model, device)
     if not (hasattr(model, "embed_tokens") and hasattr(model, "backbone")):
         raise TypeError(
             f"model: perturb_tss needs a BioDTA (DNA-aware token embeddings), got {type(model).__name__}; "
             "use perturb_gene for the adapter-free baseline."
         )
+    genome = _as_genome(genome)
+    encoder = _as_encoder(encoder)
     _check_readout(readout, n_folds)
     if isinstance(n_controls, bool) or not isinstance(n_controls, int | np.integer) or n_controls < 0:
         raise ValueError(f"n_controls: must be a non-negative integer, got {n_controls!r}.")
@@ -695,8 +771,8 @@ def perturb_tss(
 
     data = adata.copy() if copy else adata
     ad = get_anndata(data, mod)
-    _check_keys(ad, keys)
-    run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=True)
+    previous = _check_keys(ad, keys, "perturb_tss")
+    run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=True, layer=layer)
     chrom, tss, strand = _gene_tss(ad, gene, run.var_pos)
     _check_dna(model, run.token_id, gene, encoder)
 
@@ -744,7 +820,7 @@ def perturb_tss(
     outputs = []
     for i, (group, key) in enumerate(zip(groups, keys, strict=True)):
         main = owner.index((i, -1))
-        layer, obs, var = assembled[main]
+        layer_, obs, var = assembled[main]
         params = run.params(gene, model, emb_layer, results[main], readout) | {
             "kind": "tss_mutation",
             "mutation": _mutation_text(group),
@@ -772,9 +848,10 @@ def perturb_tss(
                 "var_names": np.asarray(ad.var_names.astype(str), dtype=object),
             }
             params["n_controls"] = len(ctrl_idx)
-        outputs.append((key, layer, obs, var, params, extra_uns))
-    for key, layer, obs, var, params, extra_uns in outputs:
-        _write(ad, key, layer, obs, var, params)
+        outputs.append((key, layer_, obs, var, params, extra_uns))
+    _warn_overwrite(ad, previous)
+    for key, layer_, obs, var, params, extra_uns in outputs:
+        _write(ad, key, layer_, obs, var, params)
         if extra_uns:
             ad.uns[key] = dict(ad.uns[key]) | extra_uns
     return data if copy else None
@@ -827,13 +904,19 @@ def _check_dna(model: nn.Module, token_id: int, gene: str, encoder: DNAEncoder) 
             f"gene: {gene!r} has no DNA embedding in this model (its token uses the static embedding), so a TSS "
             "mutation cannot change it; embed its TSS window (tl.embed_dna) and set it with model.set_dna_embeddings."
         )
+    name = getattr(encoder, "name", type(encoder).__name__)
+    d_dna = getattr(model, "d_dna", None)
+    if d_dna is not None and int(getattr(encoder, "dim", d_dna)) != int(d_dna):
+        raise ValueError(
+            f"encoder: {name} embeds {gene!r}'s window into {encoder.dim} values, but the model's adapter was trained on "
+            f"{d_dna}-dimensional DNA embeddings; pass the encoder the model was trained with."
+        )
     info = getattr(model, "dna_encoder_info", None)
     if isinstance(info, Mapping):
-        for attr in ("name", "window"):
+        for attr in ("name", "window", "weights_id"):
             if attr in info and info[attr] not in (None, "") and str(info[attr]) != str(getattr(encoder, attr, "")):
-                warnings.warn(
-                    f"encoder: its {attr} {getattr(encoder, attr, None)!r} differs from the model's DNA encoder "
-                    f"({info[attr]!r}); mutated and reference embeddings may not be comparable.",
-                    UserWarning,
-                    stacklevel=3,
+                raise ValueError(
+                    f"encoder: its {attr} {getattr(encoder, attr, None)!r} differs from the DNA encoder the model's adapter "
+                    f"was trained with ({info[attr]!r}); mutated and reference embeddings would not be comparable. "
+                    f"Pass the model's encoder ({info.get('name')}, window {info.get('window')})."
                 )
