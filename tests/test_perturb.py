@@ -492,3 +492,25 @@ def test_expression_readout_independent_of_cell_subset(setup):
     np.testing.assert_allclose(
         sub.layers["dta_shift_delete"][rows].toarray(), full.layers["dta_shift_delete"][rows].toarray(), atol=2e-5
     )
+
+
+def test_warns_when_every_shift_is_numerical_noise(setup):
+    a, vocab, model, tokens = setup
+    import copy as _copy
+
+    import torch
+
+    deaf = _copy.deepcopy(model)
+    bert = getattr(deaf, "backbone", deaf).bert
+    with torch.no_grad():  # no attention, no positions: a masked slot's prediction ignores the rest of the cell
+        bert.embeddings.position_embeddings.weight.zero_()
+        for layer in bert.encoder.layer:
+            layer.attention.self.query.weight.zero_()
+            layer.attention.self.key.weight.zero_()
+            layer.attention.self.value.weight.zero_()
+            layer.attention.self.value.bias.zero_()
+    with pytest.warns(UserWarning, match="numerical-noise level"):
+        dta.tl.perturb_gene(a, GENE, model=deaf, tokens=tokens, copy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True)

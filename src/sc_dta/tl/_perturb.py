@@ -316,6 +316,23 @@ def _check_keys(adata: AnnData, keys: Sequence[str], function: str) -> list[str]
     return previous
 
 
+#: |mean shift| below which every gene's response is numerical noise (float32 rounding of the forward passes).
+NOISE_LEVEL = {"cosine": 1e-6, "expression": 1e-5}
+
+
+def _warn_if_noise(key: str, mean: np.ndarray, readout: str, gene: str) -> None:
+    """Warn when no gene responds beyond numerical noise (the model ignores ``gene``)."""
+    finite = np.abs(mean[np.isfinite(mean)])
+    top = float(finite.max()) if finite.size else 0.0
+    if top < NOISE_LEVEL[readout]:
+        warnings.warn(
+            f"{key}: every gene's shift is at numerical-noise level (largest |mean| {top:.1e}): the model does not use "
+            f"{gene!r} to predict the other genes. Check uns['train_adapter']['context_gain'] of the training run.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _warn_overwrite(adata: AnnData, keys: Sequence[str]) -> None:
     for key in keys:
         warnings.warn(
@@ -631,6 +648,8 @@ def perturb_gene(
             params |= {"n_folds": int(n_folds), "seed": int(seed)}
         outputs.append((key, shifts, obs, var, params))
     _warn_overwrite(ad, previous)
+    for key, _, _, var, _ in outputs:
+        _warn_if_noise(key, var["_mean"], readout, gene)
     for out in outputs:
         _write(ad, *out)
     logger.info("perturb_gene(%s, %s): %d cells evaluated", gene, kinds, run.n_with_gene)
@@ -850,6 +869,8 @@ def perturb_tss(
             params["n_controls"] = len(ctrl_idx)
         outputs.append((key, layer_, obs, var, params, extra_uns))
     _warn_overwrite(ad, previous)
+    for key, _, _, var, _, _ in outputs:
+        _warn_if_noise(key, var["_mean"], readout, gene)
     for key, layer_, obs, var, params, extra_uns in outputs:
         _write(ad, key, layer_, obs, var, params)
         if extra_uns:
