@@ -161,3 +161,12 @@ def test_perturb_tss_with_controls(genome_setup):
     assert "big" not in a.layers
     with pytest.raises(ValueError, match="n_controls"):
         dta.tl.perturb_tss(a, "DPM1", "delete:-5:+5", model=model, genome=genome, encoder=encoder, n_controls=-1)
+
+
+def test_controls_are_distinct_and_warn_when_the_window_is_tight(genome_setup):
+    genome, encoder, _, _ = genome_setup
+    # a 41 bp deletion at the TSS of a 200 bp window leaves room for about 100 distinct 41 bp placements, not 150
+    with pytest.warns(UserWarning, match="distinct controls"):
+        controls = dta.tl.control_mutations(genome, "chr1", 1500, "+", ["delete:-20:+20"], encoder, n=150, seed=0)
+    texts = [";".join(map(str, g)) for g in controls]
+    assert len(texts) == len(set(texts)) < 150

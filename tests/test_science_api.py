@@ -42,7 +42,7 @@ def tiny(a, **kw):
 def test_from_adata_defaults():
     a = simulate(n_cells=30)
     model = tiny(a, seed=1)
-    assert model.position_free and model.mode == "add"
+    assert model.position_free and model.mode == "replace"
     assert model.vocab.cls_id is None  # one token per expressed gene, no <cls>/<eos>
     assert not model.pretrained_backbone
     pos = model.backbone.bert.embeddings.position_embeddings.weight

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,7 @@ def control_mutations(
 
     Returns
     -------
-    ``n`` mutation groups (lists of :class:`~sc_dta.genome.Variant` / :class:`~sc_dta.genome.TSSDeletion`).
+    Up to ``n`` distinct mutation groups (a warning says when the window leaves room for fewer) (lists of :class:`~sc_dta.genome.Variant` / :class:`~sc_dta.genome.TSSDeletion`).
     """
     from sc_dta.genome import TSSDeletion, Variant
     from sc_dta.genome._mutations import parse_mutations
@@ -116,7 +117,10 @@ def control_mutations(
         return tss + rel if strand == "+" else tss - rel
 
     controls: list[list[Any]] = []
-    for _ in range(n):
+    seen: set[str] = set()
+    for _ in range(50 * n):
+        if len(controls) == n:
+            break
         group: list[Any] = []
         for v, (a, b) in zip(variants, spans, strict=True):
             ref, alt = v.ref, v.alt
@@ -147,9 +151,19 @@ def control_mutations(
                     group.append(Variant(genome.resolve_chrom(chrom), first + 1, ref_seq, alt_seq))
                 free[max(0, start - lo) : start - lo + length] = False
             del a, b
-        controls.append(group)
+        text = ";".join(str(g) for g in group)
+        if text not in seen:  # distinct controls only
+            seen.add(text)
+            controls.append(group)
         # the next control may reuse positions of this one, not of the mutation
         free[:] = True
         for a, b in blocked:
             free[max(a, lo) - lo : min(b, hi) - lo + 1] = False
+    if len(controls) < n:
+        warnings.warn(
+            f"control_mutations: only {len(controls)} distinct controls of {mutation!r} fit in the {window} bp window "
+            f"outside the mutation and its motifs ({n} asked); a longer encoder window leaves more room.",
+            UserWarning,
+            stacklevel=2,
+        )
     return controls
