@@ -253,6 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         freeze_backbone=args.freeze_backbone,
+        layer=args.layer,
         seed=args.seed,
         device=args.device,
     )
@@ -293,7 +294,10 @@ def cmd_perturb_tss(args: argparse.Namespace) -> int:
         model=model,
         genome=genome,
         encoder=encoder,
+        readout=args.readout,
+        n_controls=args.n_controls,
         cells=_parse_cells(adata, args.cells),
+        layer=args.layer,
         key_added=args.key_added,
         batch_size=args.batch_size,
         device=args.device,
@@ -315,7 +319,9 @@ def cmd_perturb_gene(args: argparse.Namespace) -> int:
         args.gene,
         model=model,
         kind=args.kind,
+        readout=args.readout,
         cells=_parse_cells(adata, args.cells),
+        layer=args.layer,
         key_added=args.key_added,
         batch_size=args.batch_size,
         device=args.device,
@@ -351,7 +357,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     adata = read_h5ad(args.input)
     targets = _parse_targets(args.targets)
-    table = rank_targets(adata, args.key, known_targets=targets, n_top=args.top_k, min_cells=args.min_cells)
+    table = rank_targets(
+        adata, args.key, known_targets=targets, n_top=args.top_k, min_cells=args.min_cells, compare=args.compare or None
+    )
     table = _with_symbols(table, adata, _gene_symbols(args.gene_symbols))
     import pandas as pd
 
@@ -363,6 +371,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
             if args.show > 0:
                 print()
             print(pd.DataFrame(metrics).T.to_string(float_format=lambda v: f"{v:.4g}"))
+        if table.attrs.get("comparison"):
+            print()
+            print(pd.DataFrame(table.attrs["comparison"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.csv is not None:
         table.to_csv(args.csv)
         print(f"wrote {args.csv}", file=sys.stderr)
@@ -612,16 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=_positive_int, default=None, help="layers of a model built from scratch")
     p.add_argument("--n-heads", type=_positive_int, default=None, help="attention heads of a model built from scratch")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     _add_device(p)
 
     # perturb-tss
     p = add(
         "perturb-tss",
         cmd_perturb_tss,
-        "mutate a gene's TSS in silico and record every gene's embedding shift",
-        "Replace the gene's token embedding by the adapter output for its mutated DNA window and record "
-        "1 - cos(original, perturbed) of every other gene's contextual embedding (sc_dta.tl.perturb_tss) in "
-        "layers[--key-added]. Mutations: 'chr8:11676959:C>T', 'delete:-100:+50' (relative to the TSS), "
+        "mutate a gene's TSS in silico and record every gene's predicted response",
+        "Replace the gene's token embedding by the adapter output for its mutated DNA window and record every "
+        "other gene's response (sc_dta.tl.perturb_tss): the change of its predicted presence (--readout expression) "
+        "or 1 - cos of its contextual embedding (--readout cosine), in layers[--key-added], with --n-controls "
+        "matched control mutations. Mutations: 'chr8:11676959:C>T', 'delete:-100:+50' (relative to the TSS), "
         "'random:N' (or a VCF with --vcf).",
     )
     _add_io(p)
@@ -641,6 +654,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genome", required=True, nargs="+", help="genome FASTA file(s)")
     p.add_argument("--cells", default=None, help="only cells with OBS_KEY=VALUE[,VALUE], e.g. cell_type=cardiomyocyte")
     p.add_argument("--key-added", default="dta_shift", help="layers/obs/var/uns key")
+    p.add_argument(
+        "--n-controls", type=_nonneg_int, default=10, help="matched control mutations (empirical p, specificity)"
+    )
+    p.add_argument(
+        "--readout",
+        choices=["expression", "cosine"],
+        default="expression",
+        help="expression: change of each gene's predicted presence (signed); cosine: Geneformer's embedding shift",
+    )
+    p.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     _add_encoder(p)
     _add_device(p)
 
@@ -660,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-added", default=None, help="layers/obs/var/uns key (default: dta_shift_delete / dta_shift_overexpress)"
     )
+    p.add_argument(
+        "--readout",
+        choices=["expression", "cosine"],
+        default="expression",
+        help="expression: change of each gene's predicted presence (signed); cosine: Geneformer's embedding shift",
+    )
+    p.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     _add_device(p)
 
     # rank
@@ -685,6 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="var column whose symbols are shown (and written to --csv) as a 'symbol' column; 'auto' takes the "
         "first of gene_symbol, gene_symbols, gene_name, feature_name; 'none' for var names only",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        help="another result key scored on the same targets (repeat; e.g. dta_shift_delete, coexpression_GENE)",
     )
     p.add_argument("--csv", default=None, help="write the full ranking to this CSV file")
     p.add_argument("-o", "--output", default=None, help="also write the .h5ad with the ranking stored in uns")
