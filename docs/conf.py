@@ -54,7 +54,7 @@ myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
 # --- Tutorials: executed at build time, outputs cached by jupyter-cache ----------------------------------------------
 # A notebook runs again only when its cells change, not when the package does: delete docs/_build/.jupyter_cache*
 # (or pass -D nb_execution_mode=force) to rerun it against new code; CI starts from a clean tree, so it always runs
-# them. The quick start runs at its normal size (under a minute on one CPU thread when this was written);
+# them. The quick start runs at its normal size (86 s on one CPU thread, measured when it was last rewritten);
 # the fetal cardiomyocyte study needs a GPU, Census data and hg38, so the docs render its smoke mode (simulated data,
 # tiny models). `SC_DTA_SMOKE=1 sphinx-build ...` renders every tutorial in smoke mode, for a fast local build; its
 # results are cached separately so that they never stand in for a full run.
