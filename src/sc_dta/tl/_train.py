@@ -13,18 +13,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sc_dta._settings import settings
-from sc_dta._utils import autocast, get_anndata, progress, resolve_device
+from sc_dta._utils import get_anndata, progress, resolve_device
 from sc_dta.tl import _checkpoint as ckpt_io
-from sc_dta.tl._padding import pad_tokens
 from sc_dta.tl._trainer import (
     Masker,
+    Progress,
+    Trainer,
     context_gain,
-    held_out_loss,
-    length_grouped_batches,
     linear_warmup_decay,
     masked_batches,
     shuffled_context,
-    train_mode,
 )
 
 if TYPE_CHECKING:
@@ -331,128 +329,77 @@ def train_adapter(
         )
         val_batches = masked_batches(seqs, lengths, val_cells, batch_size, held_out_masker, seed)
 
-        step, start_epoch, start_group = 0, 0, 0
-        history: list[dict[str, Any]] = []
-        best = {"loss": math.inf, "epoch": -1, "weights": None, "bad_epochs": 0}
+        progress_state = Progress()
         if state is not None:
             ckpt_io.load_checkpoint_weights(bio, ckpt / ckpt_io.MODEL_DIR)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             ckpt_io.set_rng_state(state["rng"], mask_gen, cuda_devices)
-            step, start_epoch, start_group = int(state["step"]), int(state["epoch"]), int(state["group"])
-            history = list(state["history"])
-            best = dict(state.get("best", best))
-            logger.info("Resuming from %s at epoch %d, step %d.", ckpt, start_epoch, step)
+            progress_state = Progress(
+                step=int(state["step"]),
+                epoch=int(state["epoch"]),
+                group=int(state["group"]),
+                history=list(state["history"]),
+                best=dict(state.get("best", progress_state.best)),
+                stopped=bool(state.get("stopped", False)),
+            )
+            logger.info("Resuming from %s at epoch %d, step %d.", ckpt, progress_state.epoch, progress_state.step)
         prior_history = list(bio.loss_history) if state is None else list(state.get("prior_history", []))
 
-        def save_checkpoint(epoch: int, group: int, rng: dict) -> None:
-            if ckpt is None:
-                return
-            bio.loss_history = prior_history + history
+        def save_checkpoint(done: Progress, rng: dict) -> None:
+            bio.loss_history = prior_history + done.history
             payload = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng,
-                "step": step,
-                "epoch": epoch,
-                "group": group,
-                "history": history,
+                "step": done.step,
+                "epoch": done.epoch,
+                "group": done.group,
+                "history": done.history,
                 "prior_history": prior_history,
-                "best": best,
+                "best": done.best,
+                "stopped": done.stopped,
                 "run": run,
             }
             ckpt_io.write_checkpoint(ckpt, bio, payload)
 
-        bar = progress(total=total_steps, initial=step, desc="train_adapter", unit="step")
-        running = None
-        t0, n_tokens = time.perf_counter(), 0
-        stopped_early = bool(state is not None and state.get("stopped", False))
+        trainer = Trainer(
+            bio,
+            optimizer,
+            scheduler,
+            masker,
+            mask_gen,
+            seqs=seqs,
+            lengths=lengths,
+            train_cells=train_cells,
+            batch_size=batch_size,
+            accumulation_steps=accumulation_steps,
+            epochs=epochs,
+            max_grad_norm=max_grad_norm,
+            freeze_backbone=freeze_backbone,
+            seed=seed,
+            device=dev,
+            val_batches=val_batches,
+            early_stopping=early_stopping,
+            checkpoint=save_checkpoint if ckpt is not None else None,
+            stop_after_steps=_stop_after_steps,
+        )
+        bar = progress(total=total_steps, initial=progress_state.step, desc="train_adapter", unit="step")
+        t0 = time.perf_counter()
         try:
-            for epoch in range(start_epoch, epochs):
-                if stopped_early:
-                    break
-                batches = length_grouped_batches(
-                    train_cells, lengths, batch_size, np.random.default_rng([seed, 2, epoch])
+            progress_state = trainer.fit(progress_state, bar)
+        except KeyboardInterrupt:
+            if ckpt is not None:
+                logger.warning(
+                    "Interrupted at step %d: resume with resume=True, output_dir=%r.", progress_state.step, str(out)
                 )
-                groups = [batches[i : i + accumulation_steps] for i in range(0, len(batches), accumulation_steps)]
-                first_group = start_group if epoch == start_epoch else 0
-                train_mode(bio, freeze_backbone)
-                for g in range(first_group, len(groups)):
-                    rng_before = ckpt_io.get_rng_state(mask_gen, cuda_devices)
-                    done = False
-                    try:
-                        micro = [
-                            masker(pad_tokens([seqs[c] for c in b], masker.pad_id)[0], mask_gen) for b in groups[g]
-                        ]
-                        n_masked = sum(int((lab != -100).sum()) for _, lab, _ in micro)
-                        loss_total = 0.0
-                        for inputs, labels, attn in micro:
-                            inputs, labels, attn = inputs.to(dev), labels.to(dev), attn.to(dev)
-                            with autocast(dev):
-                                loss = bio.masked_lm_loss(inputs, labels, attn, reduction="sum")
-                            (loss / n_masked).backward()
-                            loss_total += float(loss.detach())
-                            n_tokens += int(attn.sum())
-                        if max_grad_norm is not None:
-                            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                        lr_now = scheduler.get_last_lr()[0]
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        step += 1
-                        mean_loss = loss_total / n_masked
-                        history.append({"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr_now})
-                        done = True
-                        running = mean_loss if running is None else 0.98 * running + 0.02 * mean_loss
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{running:.4f}", epoch=epoch)
-                        if _stop_after_steps is not None and step >= _stop_after_steps:
-                            raise KeyboardInterrupt(f"stopped after {step} steps (_stop_after_steps)")
-                    except KeyboardInterrupt:
-                        optimizer.zero_grad(set_to_none=True)
-                        if done:
-                            save_checkpoint(epoch, g + 1, ckpt_io.get_rng_state(mask_gen, cuda_devices))
-                        else:
-                            save_checkpoint(epoch, g, rng_before)
-                        if ckpt is not None:
-                            logger.warning(
-                                "Interrupted at step %d: resume with resume=True, output_dir=%r.", step, str(out)
-                            )
-                        raise
-                if val_batches:
-                    val_loss = held_out_loss(bio, val_batches, dev)
-                    history.append({"epoch": epoch, "step": step, "val_loss": val_loss})
-                    logger.info("Epoch %d: held-out loss %.4f.", epoch, val_loss)
-                    bar.set_postfix(
-                        loss=f"{running if running is not None else float('nan'):.4f}", val=f"{val_loss:.4f}"
-                    )
-                    if early_stopping is not None:
-                        if val_loss < best["loss"]:
-                            best = {"loss": val_loss, "epoch": epoch, "weights": None, "bad_epochs": 0}
-                            best["weights"] = ckpt_io.snapshot_weights(bio)
-                        else:
-                            best["bad_epochs"] += 1
-                            if best["bad_epochs"] >= early_stopping:
-                                stopped_early = True
-                                logger.info(
-                                    "Early stopping after epoch %d: no improvement on %.4f (epoch %d) for %d epochs.",
-                                    epoch,
-                                    best["loss"],
-                                    best["epoch"],
-                                    early_stopping,
-                                )
-                start_group = 0
-                if ckpt is not None:
-                    save_checkpoint(epoch + 1, 0, ckpt_io.get_rng_state(mask_gen, cuda_devices))
-                    if stopped_early:
-                        state_now = ckpt_io.read_state(ckpt)
-                        state_now["stopped"] = True
-                        torch.save(state_now, ckpt / ckpt_io.STATE_FILE)
+            raise
         finally:
             bar.close()
             bio.eval()
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
+        history, best, n_tokens = progress_state.history, progress_state.best, trainer.n_tokens
         elapsed = time.perf_counter() - t0
         if n_tokens:
             logger.info("Trained on %d tokens in %.1f s (%.0f tokens/s).", n_tokens, elapsed, n_tokens / elapsed)

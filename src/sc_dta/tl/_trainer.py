@@ -2,12 +2,16 @@
 
 Pieces: :class:`Masker` (BERT masking of gene tokens), :func:`length_grouped_batches` (the sampler),
 :func:`masked_batches` (fixed masks for held-out cells), :func:`held_out_loss` and :func:`context_gain`
-(diagnostics), :func:`linear_warmup_decay` (learning-rate schedule).
+(diagnostics), :func:`linear_warmup_decay` (learning-rate schedule), and :class:`Trainer`, the loop itself, whose
+:class:`Progress` is what a checkpoint saves.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +23,8 @@ if TYPE_CHECKING:
     import torch
 
     from sc_dta.models.biodta import BioDTA
+
+logger = logging.getLogger(__name__)
 
 #: Batches per length-sorted group of the sampler (as in transformers' LengthGroupedSampler).
 MEGA_BATCH = 50
@@ -168,3 +174,172 @@ def linear_warmup_decay(warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+@dataclass
+class Progress:
+    """Where a training run stands: the state a checkpoint saves and a resumed run restores."""
+
+    step: int = 0
+    epoch: int = 0
+    group: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"loss": math.inf, "epoch": -1, "weights": None, "bad_epochs": 0})
+    stopped: bool = False
+
+
+class Trainer:
+    """The masked-gene training loop: epochs of length-grouped batches, accumulation, held-out loss, early stopping.
+
+    Parameters
+    ----------
+    bio
+        The model (on ``device``), with the parameters to train set ``requires_grad``.
+    optimizer, scheduler
+        AdamW and its learning-rate schedule.
+    masker, mask_gen
+        Masking of training batches and its generator (part of the checkpointed random state).
+    seqs, lengths, train_cells
+        Token ids per cell, their lengths, and the training cells.
+    batch_size, accumulation_steps, epochs, max_grad_norm, freeze_backbone, seed, device
+        Run settings (see :func:`sc_dta.tl.train_adapter`).
+    val_batches, early_stopping
+        Held-out batches (fixed masks) and the patience in epochs (None: no early stopping).
+    checkpoint
+        Called as ``checkpoint(progress, rng_state)`` to save a checkpoint (None: no checkpoints).
+    stop_after_steps
+        Interrupt after this many steps (tests of resuming).
+    """
+
+    def __init__(
+        self,
+        bio,
+        optimizer,
+        scheduler,
+        masker: Masker,
+        mask_gen,
+        *,
+        seqs: Sequence[np.ndarray],
+        lengths: np.ndarray,
+        train_cells: np.ndarray,
+        batch_size: int,
+        accumulation_steps: int,
+        epochs: int,
+        max_grad_norm: float | None,
+        freeze_backbone: bool,
+        seed: int,
+        device,
+        val_batches: list,
+        early_stopping: int | None,
+        checkpoint=None,
+        stop_after_steps: int | None = None,
+    ) -> None:
+        self.bio, self.optimizer, self.scheduler = bio, optimizer, scheduler
+        self.masker, self.mask_gen = masker, mask_gen
+        self.seqs, self.lengths, self.train_cells = seqs, lengths, train_cells
+        self.batch_size, self.accumulation_steps, self.epochs = batch_size, accumulation_steps, epochs
+        self.max_grad_norm, self.freeze_backbone, self.seed, self.device = max_grad_norm, freeze_backbone, seed, device
+        self.val_batches, self.early_stopping = val_batches, early_stopping
+        self.checkpoint, self.stop_after_steps = checkpoint, stop_after_steps
+        self.params = [p for p in bio.parameters() if p.requires_grad]
+        self.cuda_devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
+        self.n_tokens = 0
+        self._running: float | None = None
+
+    def rng_state(self) -> dict:
+        """Random states to checkpoint."""
+        from sc_dta.tl._checkpoint import get_rng_state
+
+        return get_rng_state(self.mask_gen, self.cuda_devices)
+
+    def groups(self, epoch: int) -> list[list[np.ndarray]]:
+        """Cut an epoch into optimiser steps: groups of ``accumulation_steps`` length-grouped batches."""
+        batches = length_grouped_batches(
+            self.train_cells, self.lengths, self.batch_size, np.random.default_rng([self.seed, 2, epoch])
+        )
+        k = self.accumulation_steps
+        return [batches[i : i + k] for i in range(0, len(batches), k)]
+
+    def step(self, group: list[np.ndarray]) -> float:
+        """One optimiser step over the micro-batches of ``group``; returns the mean loss per masked gene."""
+        import torch
+
+        micro = [
+            self.masker(pad_tokens([self.seqs[c] for c in b], self.masker.pad_id)[0], self.mask_gen) for b in group
+        ]
+        n_masked = sum(int((lab != -100).sum()) for _, lab, _ in micro)
+        loss_total = 0.0
+        for inputs, labels, attn in micro:
+            inputs, labels, attn = inputs.to(self.device), labels.to(self.device), attn.to(self.device)
+            with autocast(self.device):
+                loss = self.bio.masked_lm_loss(inputs, labels, attn, reduction="sum")
+            (loss / n_masked).backward()
+            loss_total += float(loss.detach())
+            self.n_tokens += int(attn.sum())
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total / n_masked
+
+    def end_of_epoch(self, state: Progress, epoch: int, bar) -> None:
+        """Held-out loss, best weights and the early-stopping decision after ``epoch``."""
+        from sc_dta.tl._checkpoint import snapshot_weights
+
+        if not self.val_batches:
+            return
+        val_loss = held_out_loss(self.bio, self.val_batches, self.device)
+        state.history.append({"epoch": epoch, "step": state.step, "val_loss": val_loss})
+        logger.info("Epoch %d: held-out loss %.4f.", epoch, val_loss)
+        running = self._running if self._running is not None else float("nan")
+        bar.set_postfix(loss=f"{running:.4f}", val=f"{val_loss:.4f}")
+        if self.early_stopping is None:
+            return
+        best = state.best
+        if val_loss < best["loss"]:
+            state.best = {"loss": val_loss, "epoch": epoch, "weights": snapshot_weights(self.bio), "bad_epochs": 0}
+            return
+        best["bad_epochs"] += 1
+        if best["bad_epochs"] >= self.early_stopping:
+            state.stopped = True
+            logger.info(
+                "Early stopping after epoch %d: no improvement on %.4f (epoch %d) for %d epochs.",
+                epoch,
+                best["loss"],
+                best["epoch"],
+                self.early_stopping,
+            )
+
+    def fit(self, state: Progress, bar) -> Progress:
+        """Train from ``state`` to the last epoch (or early stop); checkpoint every epoch and on Ctrl-C."""
+        save = self.checkpoint or (lambda progress, rng: None)
+        start_epoch, start_group = state.epoch, state.group
+        for epoch in range(start_epoch, self.epochs):
+            if state.stopped:
+                break
+            groups = self.groups(epoch)
+            train_mode(self.bio, self.freeze_backbone)
+            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
+                rng_before = self.rng_state()
+                done = False
+                try:
+                    lr_now = self.scheduler.get_last_lr()[0]
+                    mean_loss = self.step(groups[g])
+                    state.step += 1
+                    state.history.append({"epoch": epoch, "step": state.step, "loss": mean_loss, "lr": lr_now})
+                    done = True
+                    self._running = mean_loss if self._running is None else 0.98 * self._running + 0.02 * mean_loss
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self._running:.4f}", epoch=epoch)
+                    if self.stop_after_steps is not None and state.step >= self.stop_after_steps:
+                        raise KeyboardInterrupt(f"stopped after {state.step} steps (_stop_after_steps)")
+                except KeyboardInterrupt:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    state.epoch, state.group = epoch, (g + 1 if done else g)
+                    save(state, self.rng_state() if done else rng_before)
+                    raise
+            self.end_of_epoch(state, epoch, bar)
+            state.epoch, state.group = epoch + 1, 0
+            save(state, self.rng_state())
+        return state
