@@ -7,6 +7,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -177,7 +178,6 @@ def train_adapter(
     import torch
 
     from sc_dta.models.biodta import BioDTA
-    from sc_dta.models.cell import model_vocab
 
     adata = get_anndata(adata, mod)
     _check_args(epochs, batch_size, lr, mask_prob, val_fraction, accumulation_steps, warmup_ratio, resume, output_dir)
@@ -202,57 +202,14 @@ def train_adapter(
                 f"{', '.join(given)}: the BioDTA passed as model already has its adapter; set these when building it "
                 "(BioDTA.from_adata(..., adapter_dropout=...), BioDTA(backbone, ...)) or pass a plain backbone."
             )
-    backbone = model.backbone if is_biodta else model
     if freeze_backbone is None:
         freeze_backbone = bool(model.pretrained_backbone) if is_biodta else True
 
-    # ---- inputs: DNA embeddings, tokens (everything checked before the model or adata is touched)
-    dna, dna_valid = _dna_embeddings(adata, dna_key, model.d_dna if is_biodta else None)
-    vocab = model_vocab(model)
-    max_pos = int(backbone.config.max_position_embeddings)
-    used_max_length = min(max_length or vocab.max_length, max_pos)
-    from sc_dta.pp._tokenize import tokenize
-
-    tokens = tokenize(adata, vocab=vocab, layer=layer, gene_id_key=gene_id_key, max_length=used_max_length)
-    var_tokens = np.asarray(tokens.var_token_ids, dtype=np.int64)
-    if not (var_tokens >= 0).any():
-        raise ValueError(
-            f"No gene of adata.var_names (e.g. {list(adata.var_names[:3])}) is in the model's {vocab.version} "
-            "vocabulary: check gene_id_key= (Ensembl IDs or symbols are expected)."
-        )
-    with_dna = (var_tokens >= 0) & dna_valid
-    if not with_dna.any():
-        raise ValueError(
-            f"None of the {int((var_tokens >= 0).sum())} genes in the vocabulary has a DNA embedding in "
-            f"adata.varm[{dna_key!r}]."
-        )
-    dna_token_ids, first = np.unique(var_tokens[with_dna], return_index=True)
-    dna_rows = dna[np.flatnonzero(with_dna)[first]]
-    logger.info(
-        "%d of %d genes in the vocabulary have a DNA embedding (%d tokens).",
-        int(with_dna.sum()),
-        int((var_tokens >= 0).sum()),
-        dna_token_ids.size,
-    )
-    special = np.asarray(sorted(int(i) for i in vocab.special_ids), dtype=np.int64)
-    seqs = [np.asarray(s, dtype=np.int64) for s in tokens.input_ids]
-    lengths = np.array([s.size for s in seqs], dtype=np.int64)
-    flat = np.concatenate(seqs) if seqs else np.empty(0, dtype=np.int64)
-    is_gene = ~np.isin(flat, special)
-    cum = np.concatenate([[0], np.cumsum(is_gene)])
-    ends = np.cumsum(lengths)
-    n_genes = cum[ends] - cum[ends - lengths]  # gene (non-special) tokens per cell
-    usable = np.flatnonzero(n_genes > 0)
-    if usable.size == 0:
-        raise ValueError("No cell has counts for a gene in the vocabulary: nothing to train on.")
-    if usable.size < len(seqs):
-        logger.info("%d cells without genes in the vocabulary are skipped.", len(seqs) - usable.size)
-    split_rng = np.random.default_rng([seed, 1])
-    order = split_rng.permutation(usable)
-    n_val = int(round(val_fraction * order.size)) if val_fraction > 0 else 0
-    if val_fraction > 0 and order.size >= 2:
-        n_val = min(max(n_val, 1), order.size - 1)
-    val_cells, train_cells = np.sort(order[:n_val]), order[n_val:]
+    # ---- inputs: DNA embeddings, tokens, held-out split (all checked before the model or adata is touched)
+    inputs = _training_inputs(adata, model, dna_key, layer, gene_id_key, max_length, val_fraction, seed)
+    dna, vocab, seqs, lengths = inputs.dna, inputs.vocab, inputs.seqs, inputs.lengths
+    dna_token_ids, dna_rows, special = inputs.dna_token_ids, inputs.dna_rows, inputs.special
+    val_cells, train_cells, used_max_length = inputs.val_cells, inputs.train_cells, inputs.max_length
     if epochs is None:
         epochs = default_epochs(train_cells.size)
 
@@ -438,6 +395,88 @@ def train_adapter(
         **diagnostics,
     }
     return bio
+
+
+@dataclass
+class _Inputs:
+    """What training reads from the AnnData, checked: DNA rows per token, token ids per cell, the split."""
+
+    dna: np.ndarray
+    vocab: Any
+    seqs: list[np.ndarray]
+    lengths: np.ndarray
+    dna_token_ids: np.ndarray
+    dna_rows: np.ndarray
+    special: np.ndarray
+    val_cells: np.ndarray
+    train_cells: np.ndarray
+    max_length: int
+
+
+def _training_inputs(
+    adata: AnnData,
+    model: Any,
+    dna_key: str,
+    layer: str | None,
+    gene_id_key: str | None,
+    max_length: int | None,
+    val_fraction: float,
+    seed: int,
+) -> _Inputs:
+    """Check and collect the DNA embeddings and tokens of ``adata`` for ``model``; split held-out cells."""
+    from sc_dta.models.biodta import BioDTA
+    from sc_dta.models.cell import model_vocab
+    from sc_dta.pp._tokenize import tokenize
+
+    is_biodta = isinstance(model, BioDTA)
+    backbone = model.backbone if is_biodta else model
+    dna, dna_valid = _dna_embeddings(adata, dna_key, model.d_dna if is_biodta else None)
+    vocab = model_vocab(model)
+    max_pos = int(backbone.config.max_position_embeddings)
+    used_max_length = min(max_length or vocab.max_length, max_pos)
+    tokens = tokenize(adata, vocab=vocab, layer=layer, gene_id_key=gene_id_key, max_length=used_max_length)
+    var_tokens = np.asarray(tokens.var_token_ids, dtype=np.int64)
+    if not (var_tokens >= 0).any():
+        raise ValueError(
+            f"No gene of adata.var_names (e.g. {list(adata.var_names[:3])}) is in the model's {vocab.version} "
+            "vocabulary: check gene_id_key= (Ensembl IDs or symbols are expected)."
+        )
+    with_dna = (var_tokens >= 0) & dna_valid
+    if not with_dna.any():
+        raise ValueError(
+            f"None of the {int((var_tokens >= 0).sum())} genes in the vocabulary has a DNA embedding in "
+            f"adata.varm[{dna_key!r}]."
+        )
+    dna_token_ids, first = np.unique(var_tokens[with_dna], return_index=True)
+    dna_rows = dna[np.flatnonzero(with_dna)[first]]
+    logger.info(
+        "%d of %d genes in the vocabulary have a DNA embedding (%d tokens).",
+        int(with_dna.sum()),
+        int((var_tokens >= 0).sum()),
+        dna_token_ids.size,
+    )
+    special = np.asarray(sorted(int(i) for i in vocab.special_ids), dtype=np.int64)
+    seqs = [np.asarray(s, dtype=np.int64) for s in tokens.input_ids]
+    lengths = np.array([s.size for s in seqs], dtype=np.int64)
+    flat = np.concatenate(seqs) if seqs else np.empty(0, dtype=np.int64)
+    is_gene = ~np.isin(flat, special)
+    cum = np.concatenate([[0], np.cumsum(is_gene)])
+    ends = np.cumsum(lengths)
+    n_genes = cum[ends] - cum[ends - lengths]  # gene (non-special) tokens per cell
+    usable = np.flatnonzero(n_genes > 0)
+    if usable.size == 0:
+        raise ValueError("No cell has counts for a gene in the vocabulary: nothing to train on.")
+    if usable.size < len(seqs):
+        logger.info("%d cells without genes in the vocabulary are skipped.", len(seqs) - usable.size)
+    split_rng = np.random.default_rng([seed, 1])
+    order = split_rng.permutation(usable)
+    n_val = int(round(val_fraction * order.size)) if val_fraction > 0 else 0
+    if val_fraction > 0 and order.size >= 2:
+        n_val = min(max(n_val, 1), order.size - 1)
+    val_cells, train_cells = np.sort(order[:n_val]), order[n_val:]
+    return _Inputs(
+        dna, vocab, seqs, lengths, dna_token_ids, dna_rows, special, val_cells, train_cells, int(used_max_length)
+    )
 
 
 def _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed) -> dict[str, float]:
