@@ -12,6 +12,7 @@ _EXPORTS = {
     "RandomSubstitutions": "._mutations",
     "parse_mutation": "._mutations",
     "read_vcf": "._mutations",
+    "saturation": "._saturation",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

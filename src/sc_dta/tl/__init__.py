@@ -12,6 +12,7 @@ _EXPORTS = {
     "rank_targets": "._rank",
     "control_mutations": "._controls",
     "coexpression": "._coexpression",
+    "screen": "._screen",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
