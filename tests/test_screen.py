@@ -14,8 +14,12 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import test_perturb  # noqa: E402
+from test_perturb import _build, assert_unchanged, snapshot  # noqa: E402
+
 import sc_dta as dta  # noqa: E402
-from test_perturb import _build, assert_unchanged, snapshot, tss_setup  # noqa: E402, F401
+
+tss_setup = test_perturb.tss_setup  # the BioDTA + genome fixture of the perturb tests
 
 pytestmark = pytest.mark.filterwarnings("ignore:From 0.4 .update:FutureWarning")
 
@@ -80,7 +84,8 @@ def test_screen_equals_single_calls(readout, tmp_path):
     assert list(back.obs["perturbation"]) == list(res.obs["perturbation"])
     assert back.uns["screen"]["params"]["readout"] == readout
     np.testing.assert_array_equal(
-        back.uns["per_cell"]["shift"][res.obs_names[1]].toarray(), res.uns["per_cell"]["shift"][res.obs_names[1]].toarray()
+        back.uns["per_cell"]["shift"][res.obs_names[1]].toarray(),
+        res.uns["per_cell"]["shift"][res.obs_names[1]].toarray(),
     )
     import mudata as md
 
