@@ -242,27 +242,123 @@ class _Checkpoint:
 # --------------------------------------------------------------------------------------------- statistics
 
 
-def _summaries(
-    layer: Any, obs: dict[str, np.ndarray], var: dict[str, np.ndarray], groups: list[np.ndarray], per_cell: bool
-) -> dict[str, np.ndarray]:
-    """Return what the screen keeps of one perturbation: means, counts, group means; per-cell values if asked."""
-    out = {"mean": var["_mean"], "n": var["_n"].astype(np.int64), "n_cells": np.int64(obs["_evaluated"].sum())}
+def _partial(layer: Any, obs: dict[str, np.ndarray], groups: list[np.ndarray], per_cell: bool) -> dict[str, Any]:
+    """Return the sums one process keeps of one perturbation on its cells (added over processes)."""
     n_vars = layer.shape[1]
-    g_mean = np.full((len(groups), n_vars), np.nan, dtype=np.float32)
-    g_n = np.zeros((len(groups), n_vars), dtype=np.int64)
-    for k, rows in enumerate(groups):
-        sub = layer[rows]
-        n = np.bincount(sub.indices, minlength=n_vars)
-        total = np.bincount(sub.indices, weights=sub.data.astype(np.float64), minlength=n_vars)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            g_mean[k] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
-        g_n[k] = n
-    out |= {"group_mean": g_mean, "group_n": g_n}
+    layer = layer.tocsr()
+
+    def sums(sub: Any) -> tuple[np.ndarray, np.ndarray]:
+        n = np.bincount(sub.indices, minlength=n_vars).astype(np.int64)
+        return np.bincount(sub.indices, weights=sub.data.astype(np.float64), minlength=n_vars), n
+
+    total, n = sums(layer)
+    g = [sums(layer[rows]) for rows in groups]
+    out = {
+        "total": total,
+        "n": n,
+        "n_cells": int(obs["_evaluated"].sum()),
+        "group_total": np.stack([t for t, _ in g]) if g else np.zeros((0, n_vars)),
+        "group_n": np.stack([c for _, c in g]) if g else np.zeros((0, n_vars), dtype=np.int64),
+    }
     if per_cell:
-        csr = layer.tocsr()
-        out |= {"data": csr.data, "indices": csr.indices, "indptr": csr.indptr, "cell": obs["_cell"]}
-        out["cell_emb"] = obs.get("_cell_emb", np.full(layer.shape[0], np.nan, dtype=np.float32))
+        out |= {
+            "layer": layer,
+            "cell": obs["_cell"],
+            "cell_emb": obs.get("_cell_emb", np.full(layer.shape[0], np.nan, dtype=np.float32)),
+        }
     return out
+
+
+def _mean(total: np.ndarray, n: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
+
+
+def _combine(parts: list[dict[str, Any]], per_cell: bool) -> dict[str, np.ndarray]:
+    """Return what the screen keeps of one perturbation (means, counts, group means, per-cell values if asked)."""
+    total = sum(p["total"] for p in parts)
+    n = sum(p["n"] for p in parts)
+    g_total = sum(p["group_total"] for p in parts)
+    g_n = sum(p["group_n"] for p in parts)
+    out = {
+        "mean": _mean(total, n),
+        "n": n.astype(np.int64),
+        "n_cells": np.int64(sum(p["n_cells"] for p in parts)),
+        "group_mean": _mean(g_total, g_n),
+        "group_n": np.asarray(g_n, dtype=np.int64),
+    }
+    if per_cell:
+        layer = parts[0]["layer"]
+        for p in parts[1:]:
+            layer = layer + p["layer"]  # the processes' cells are disjoint rows
+        layer = layer.tocsr()
+        layer.sort_indices()
+        cell = np.stack([p["cell"] for p in parts])
+        emb = np.stack([p["cell_emb"] for p in parts])
+        out |= {
+            "data": layer.data,
+            "indices": layer.indices,
+            "indptr": layer.indptr,
+            "cell": np.nanmax(np.where(np.isnan(cell), -np.inf, cell), axis=0),
+            "cell_emb": np.nanmax(np.where(np.isnan(emb), -np.inf, emb), axis=0),
+        }
+        for k in ("cell", "cell_emb"):
+            out[k] = np.where(np.isneginf(out[k]), np.nan, out[k]).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+class _Dist:
+    """The ``torch.distributed`` process group, if one is initialised with more than one process."""
+
+    def __init__(self) -> None:
+        try:
+            import torch.distributed as td
+
+            active = td.is_available() and td.is_initialized() and td.get_world_size() > 1
+        except ImportError:  # pragma: no cover - torch is a dependency
+            active = False
+        self.active = active
+        self.rank = td.get_rank() if active else 0
+        self.size = td.get_world_size() if active else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, lengths: np.ndarray) -> np.ndarray:
+        """Return the positions this process evaluates: longest first, each to the least-loaded process."""
+        if not self.active:
+            return np.arange(len(lengths))
+        load = np.zeros(self.size, dtype=np.int64)
+        owner = np.empty(len(lengths), dtype=np.int64)
+        for i in np.argsort(-lengths, kind="stable"):
+            r = int(np.argmin(load))
+            owner[i] = r
+            load[r] += int(lengths[i])
+        return np.flatnonzero(owner == self.rank)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Return every process's ``obj`` on the main process (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.size if self.main else None
+        td.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Return the main process's ``obj`` on every process."""
+        if not self.active:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -289,7 +385,7 @@ def screen(
     emb_layer: int | str = -1,
     n_folds: int = 7,
     chunk_size: int = 32,
-) -> AnnData:
+) -> AnnData | None:
     """Run many perturbations of many genes and return a perturbations × genes AnnData.
 
     Each row gives what :func:`perturb_gene` (``"delete"``, ``"overexpress"``) or :func:`perturb_tss` (a TSS
@@ -357,7 +453,7 @@ def screen(
 
     Returns
     -------
-    AnnData with one observation per perturbation and the variables of ``adata``:
+    AnnData (None on the processes other than rank 0 of a process group) with one observation per perturbation and the variables of ``adata``:
 
     ``X``
         float32 mean shift over the evaluated cells where the gene was measured (NaN where none).
@@ -377,6 +473,25 @@ def screen(
         ``n_obs × n_vars`` layer :func:`perturb_gene` would write.
     ``uns['screen']['params']``
         readout, model, cells, groupby and its groups, seed, n_folds, emb_layer.
+
+    Under an initialised :mod:`torch.distributed` process group (NCCL on GPUs, gloo on CPUs) of more than one
+    process, every process must call :func:`screen` with the same arguments: the cells are sharded by token count
+    (longest first, each to the least-loaded process) so that the processes finish together, each process runs
+    all perturbations on its cells, and the sums are gathered on rank 0, which writes ``checkpoint_dir`` and
+    returns the result (the other processes return None). Results equal one process up to float32 rounding of
+    differently padded batches. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``). With
+    ``torchrun``::
+
+        # screen.py
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl")  # or "gloo" on CPUs
+        rank = dist.get_rank()
+        result = dta.tl.screen(adata, perturbations, model=model, device=f"cuda:{rank % torch.cuda.device_count()}")
+        if rank == 0:
+            result.write_h5ad("screen.h5ad")
+
+        # torchrun --nproc-per-node 4 screen.py
 
     The result can be added to a MuData (``mudata.MuData({'rna': adata, 'screen': result})``) and written with
     ``write_h5ad``.
@@ -439,25 +554,63 @@ def screen(
         "var_names": hashlib.sha256(np.asarray(ad.var_names).astype(str).tobytes()).hexdigest(),
         "model": _model_info(model),
     }
-    ckpt = _Checkpoint(checkpoint_dir, fingerprint)
-    done = ckpt.done(n)
+    dist = _Dist()
+    failure: Exception | None = None
+    done: set[int] | None = None
+    if dist.main:
+        try:
+            ckpt = _Checkpoint(checkpoint_dir, fingerprint)
+            done = ckpt.done(n)
+        except (ValueError, OSError) as e:
+            failure = e
+    done, error = dist.broadcast((done, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise RuntimeError(f"screen: the main process refused checkpoint_dir: {error}")
     if done:
         logger.info("screen: %d of %d perturbations already in %s", len(done), n, checkpoint_dir)
+    present = {tid: any(bool(np.any(c == tid)) for c in run.cells) for tid, _, _ in gene_info.values()}
+    if dist.active:
+        mine = dist.shard(np.asarray([len(c) for c in run.cells], dtype=np.int64))
+        run.cells = [run.cells[j] for j in mine]
+        run.rows = run.rows[mine]
+        logger.info("screen: process %d of %d evaluates %d cells", dist.rank, dist.size, len(mine))
 
     summaries: dict[int, dict[str, np.ndarray]] = {}
     order = sorted((i for i in range(n) if i not in done), key=lambda i: (table[i].gene, i))
     references: dict[str, str] = {}
-    with tqdm(total=n, initial=len(done), desc="screen", unit="perturbation", disable=not settings.progress) as bar:
+    show = settings.progress and dist.main
+    with tqdm(total=n, initial=len(done), desc="screen", unit="perturbation", disable=not show) as bar:
         for start in range(0, len(order), int(chunk_size)):
             chunk = order[start : start + int(chunk_size)]
             specs = _specs(chunk, table, gene_info, tss_of, references, genome, encoder, seed, device)
-            for i, layer_, obs, var in _evaluate(
-                run, model, chunk, table, specs, readout, insert, emb_layer, n_folds, seed, batch_size, device
-            ):
-                s = _summaries(layer_, obs, var, group_rows, per_cell)
-                ckpt.save(i, s)
-                summaries[i] = s
+            parts = {
+                i: _partial(layer_, obs, group_rows, per_cell)
+                for i, layer_, obs, var in _evaluate(
+                    run,
+                    model,
+                    chunk,
+                    table,
+                    specs,
+                    present,
+                    readout,
+                    insert,
+                    emb_layer,
+                    n_folds,
+                    seed,
+                    batch_size,
+                    device,
+                )  # fmt: skip
+            }
+            gathered = dist.gather(parts)
+            if dist.main:
+                for i in chunk:
+                    summaries[i] = _combine([g[i] for g in gathered], per_cell)
+                    ckpt.save(i, summaries[i])
             bar.update(len(chunk))
+    if not dist.main:
+        return None
     for i in done:
         summaries[i] = ckpt.load(i)
     return _result(ad, table, gene_info, summaries, groups, per_cell, readout, run, model, fingerprint)
@@ -532,6 +685,7 @@ def _evaluate(
     chunk: list[int],
     table: list[_Perturbation],
     specs: dict[int, PerturbSpec],
+    present: dict[int, bool],
     readout: str,
     insert: bool,
     emb_layer: Any,
@@ -541,16 +695,18 @@ def _evaluate(
     device: Any,
 ) -> Iterable[tuple[int, Any, dict, dict]]:
     """Yield ``(perturbation index, layer, obs, var)`` as :func:`perturb_gene` would assemble them."""
-    present = {}
-    for i in chunk:
-        tid = specs[i].token_id
-        if tid not in present:
-            present[tid] = any(bool(np.any(c == tid)) for c in run.cells)
-    todo = [i for i in chunk if present[specs[i].token_id]]
+    inserted = {i for i in chunk if insert and specs[i].kind == "overexpress"}  # evaluated where absent too
+    todo = [i for i in chunk if present[specs[i].token_id] or i in inserted]
     for i in chunk:
         if i not in todo:
             logger.warning("screen: %r is in none of the selected cells' tokens; its row is NaN.", table[i].gene)
+    local = [
+        i for i in todo if run.cells and (i in inserted or any(bool(np.any(c == specs[i].token_id)) for c in run.cells))
+    ]
+    for i in chunk:
+        if i not in local:  # absent everywhere, or from this process's cells
             yield i, *_empty(run)
+    todo = local
     if not todo:
         return
     if readout == "cosine":
