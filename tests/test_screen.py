@@ -221,3 +221,29 @@ def test_screen_errors(tss_setup):
     with pytest.raises(ValueError, match="chunk_size"):
         dta.tl.screen(a, [("DPM1", "delete")], model=model, chunk_size=0)
     assert_unchanged(a, snap)
+
+
+@pytest.mark.parametrize("readout", ["cosine", "expression"])
+def test_screen_two_gloo_processes_equal_one(readout, tmp_path):
+    from _screen_worker import screen_worker
+
+    a, vocab, model, tokens = _build("V2")
+    a = a.copy()
+    genes = _frequent_genes(a, tokens, vocab, 3)
+    perts = [(genes[0], "delete"), (genes[1], "overexpress"), (genes[2], "delete")]
+    kw = {"readout": readout, "per_cell": True, "chunk_size": 2, "checkpoint_dir": str(tmp_path / "ckpt")}
+    out = tmp_path / "two.h5ad"
+    torch.multiprocessing.spawn(
+        screen_worker, args=(2, str(tmp_path / "store"), str(out), {"perturbations": perts, **kw}), nprocs=2
+    )
+    two = ad.read_h5ad(out)
+    one = dta.tl.screen(a, perts, model=model, **{**kw, "checkpoint_dir": None})
+    np.testing.assert_allclose(two.X, one.X, atol=2e-5, equal_nan=True)
+    np.testing.assert_array_equal(two.layers["n"], one.layers["n"])
+    pd.testing.assert_frame_equal(two.obs.astype(str), one.obs.astype(str))  # h5ad makes strings categorical
+    for name in one.obs_names:
+        np.testing.assert_allclose(
+            two.uns["per_cell"]["shift"][name].toarray(), one.uns["per_cell"]["shift"][name].toarray(), atol=2e-5
+        )
+    np.testing.assert_allclose(two.obsm["cell_shift"].to_numpy(), one.obsm["cell_shift"].to_numpy(), atol=2e-5)
+    assert len(list((tmp_path / "ckpt").glob("perturbation_*.npz"))) == 3  # written once, by rank 0

@@ -577,11 +577,33 @@ def screen(
         run.rows = run.rows[mine]
         logger.info("screen: process %d of %d evaluates %d cells", dist.rank, dist.size, len(mine))
 
-    summaries: dict[int, dict[str, np.ndarray]] = {}
     order = sorted((i for i in range(n) if i not in done), key=lambda i: (table[i].gene, i))
-    references: dict[str, str] = {}
     show = settings.progress and dist.main
-    with tqdm(total=n, initial=len(done), desc="screen", unit="perturbation", disable=not show) as bar:
+    progress = settings.progress
+    settings.progress = show  # the engines' bars too: only the main process draws them
+    try:
+        summaries = _run_chunks(
+            run, model, table, order, chunk_size, gene_info, tss_of, genome, encoder, seed, device, present, readout,
+            insert, emb_layer, n_folds, batch_size, group_rows, per_cell, dist, ckpt if dist.main else None,
+            tqdm(total=n, initial=len(done), desc="screen", unit="perturbation", disable=not show),
+        )  # fmt: skip
+    finally:
+        settings.progress = progress
+    if not dist.main:
+        return None
+    for i in done:
+        summaries[i] = ckpt.load(i)
+    return _result(ad, table, gene_info, summaries, groups, per_cell, readout, run, model, fingerprint)
+
+
+def _run_chunks(
+    run, model, table, order, chunk_size, gene_info, tss_of, genome, encoder, seed, device, present, readout,
+    insert, emb_layer, n_folds, batch_size, group_rows, per_cell, dist, ckpt, bar,
+) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
+    """Evaluate the perturbations chunk by chunk; return their summaries (on the main process)."""
+    summaries: dict[int, dict[str, np.ndarray]] = {}
+    references: dict[str, str] = {}
+    with bar:
         for start in range(0, len(order), int(chunk_size)):
             chunk = order[start : start + int(chunk_size)]
             specs = _specs(chunk, table, gene_info, tss_of, references, genome, encoder, seed, device)
@@ -609,11 +631,7 @@ def screen(
                     summaries[i] = _combine([g[i] for g in gathered], per_cell)
                     ckpt.save(i, summaries[i])
             bar.update(len(chunk))
-    if not dist.main:
-        return None
-    for i in done:
-        summaries[i] = ckpt.load(i)
-    return _result(ad, table, gene_info, summaries, groups, per_cell, readout, run, model, fingerprint)
+    return summaries
 
 
 def _groups(adata: AnnData, groupby: str | None, rows: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
