@@ -474,6 +474,11 @@ def screen(
     ``uns['screen']['params']``
         readout, model, cells, groupby and its groups, seed, n_folds, emb_layer.
 
+    The result can be added to a MuData (``mudata.MuData({'rna': adata, 'screen': result})``) and written with
+    ``write_h5ad``.
+
+    Notes
+    -----
     Under an initialised :mod:`torch.distributed` process group (NCCL on GPUs, gloo on CPUs) of more than one
     process, every process must call :func:`screen` with the same arguments: the cells are sharded by token count
     (longest first, each to the least-loaded process) so that the processes finish together, each process runs
@@ -492,9 +497,6 @@ def screen(
             result.write_h5ad("screen.h5ad")
 
         # torchrun --nproc-per-node 4 screen.py
-
-    The result can be added to a MuData (``mudata.MuData({'rna': adata, 'screen': result})``) and written with
-    ``write_h5ad``.
     """
     from tqdm.auto import tqdm
 
