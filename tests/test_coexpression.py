@@ -77,3 +77,16 @@ def test_errors():
     with pytest.raises(ValueError, match="3 cells"):
         dta.tl.coexpression(a, "G0", cells=["c0", "c1"])
     assert not any(k.startswith("coexpression") for k in a.var.columns)
+
+
+def test_coexpression_never_overwrites_other_results():
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(sp.csr_matrix(rng.poisson(2.0, size=(40, 5)).astype(np.float32)))
+    a.var_names = [f"g{i}" for i in range(5)]
+    a.var["mine_mean"] = 1.0
+    with pytest.raises(ValueError, match="key_added='mine'"):
+        dta.tl.coexpression(a, "g0", key_added="mine")
+    assert (a.var["mine_mean"] == 1.0).all() and "mine" not in a.uns
+    dta.tl.coexpression(a, "g0", key_added="ok")
+    dta.tl.coexpression(a, "g1", key_added="ok")  # a previous result of the same function is replaced
+    assert a.uns["ok"]["params"]["gene"] == "g1"

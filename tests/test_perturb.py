@@ -514,3 +514,22 @@ def test_warns_when_every_shift_is_numerical_noise(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dta.tl.perturb_gene(a, GENE, model=model, tokens=tokens, copy=True)
+
+
+def test_perturb_tss_takes_paths_and_names_and_refuses_another_encoder(tss_setup, tmp_path):
+    from sc_dta.models import KmerEncoder
+
+    a, vocab, model, encoder, genome, expected = tss_setup
+    ref = dta.tl.perturb_tss(a, "DPM1", "delete:-20:+20", model=model, genome=genome, encoder=encoder, copy=True)
+    # a FASTA path and a saved model folder work like the objects
+    model.save_pretrained(tmp_path / "model")
+    res = dta.tl.perturb_tss(
+        a, "DPM1", "delete:-20:+20", model=tmp_path / "model", genome=[str(x) for x in genome.paths], encoder=encoder, copy=True
+    )
+    np.testing.assert_allclose(res.var["dta_shift_mean"], ref.var["dta_shift_mean"], atol=1e-5, equal_nan=True)
+    # another window or k than the adapter was trained on is an error naming the encoder, before anything is written
+    snap = snapshot(a)
+    for other, what in ((KmerEncoder(k=3, window=300), "window"), (KmerEncoder(k=4, window=200), "embeds")):
+        with pytest.raises(ValueError, match=what):
+            dta.tl.perturb_tss(a, "DPM1", "delete:-20:+20", model=model, genome=genome, encoder=other)
+    assert_unchanged(a, snap)

@@ -27,6 +27,18 @@ def _counts(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def _check_key(ad: AnnData, key: str) -> None:
+    """Refuse a key whose slots hold something other than a previous co-expression result."""
+    taken = [f"var[{key + s!r}]" for s in ("_mean", "_n") if key + s in ad.var]
+    taken += [f"uns[{key!r}]"] if key in ad.uns else []
+    previous = (ad.uns.get(key) or {}).get("params", {}).get("kind") if isinstance(ad.uns.get(key), dict) else None
+    if taken and previous != "coexpression":
+        raise ValueError(
+            f"key_added={key!r}: {', '.join(taken)} already exist and are not a previous coexpression result; "
+            "choose another key_added (nothing was written)."
+        )
+
+
 def coexpression(
     adata: AnnData | MuData,
     gene: str,
@@ -77,6 +89,8 @@ def coexpression(
     pos = int(ad.var_names.get_loc(gene)) if gene in ad.var_names else _var_by_symbol(ad, gene)
     if pos is None:
         raise KeyError(f"gene: {gene!r} is neither in adata.var_names nor a symbol in adata.var.")
+    key = key_added or f"coexpression_{gene}"
+    _check_key(ad, key)
     mask = _cells_mask(ad, cells)
     X = _counts(ad, layer)
     X = X[np.flatnonzero(mask)]
@@ -98,7 +112,6 @@ def coexpression(
         rho = (centred.T @ target) / (norms * norms[pos])
     rho[norms == 0] = np.nan
     rho[pos] = np.nan
-    key = key_added or f"coexpression_{gene}"
     ad.var[key + "_mean"] = rho.astype(np.float32)
     ad.var[key + "_n"] = np.where(np.isfinite(rho), X.shape[0], 0).astype(np.int64)
     ad.uns[key] = {

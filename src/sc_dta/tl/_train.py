@@ -186,6 +186,12 @@ def train_adapter(
     ):
         raise ValueError(f"early_stopping must be a positive integer (epochs) or None, got {early_stopping!r}.")
     batch_size = settings.batch_size_cells if batch_size is None else batch_size
+    previous = adata.uns.get(key_added)
+    if previous is not None and not (isinstance(previous, dict) and "val_loss" in previous and "params" in previous):
+        raise ValueError(
+            f"key_added={key_added!r}: adata.uns[{key_added!r}] already holds something that is not a train_adapter "
+            "record; choose another key_added."
+        )
     is_biodta = isinstance(model, BioDTA)
     if not is_biodta and not hasattr(model, "bert"):
         raise TypeError(f"model must be a BioDTA or a Geneformer BertForMaskedLM, got {type(model).__name__}.")
