@@ -480,6 +480,16 @@ def _add_io(p: argparse.ArgumentParser, *, output_required: bool = False) -> Non
     )
 
 
+def _add_readout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--readout",
+        choices=["expression", "cosine"],
+        default="expression",
+        help="expression: change of each gene's predicted presence (signed); cosine: Geneformer's embedding shift",
+    )
+    p.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="compute device: auto, cpu, cuda, cuda:1, mps (default: settings)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: settings)")
@@ -657,13 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-controls", type=_nonneg_int, default=10, help="matched control mutations (empirical p, specificity)"
     )
-    p.add_argument(
-        "--readout",
-        choices=["expression", "cosine"],
-        default="expression",
-        help="expression: change of each gene's predicted presence (signed); cosine: Geneformer's embedding shift",
-    )
-    p.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
+    _add_readout(p)
     _add_encoder(p)
     _add_device(p)
 
@@ -683,13 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-added", default=None, help="layers/obs/var/uns key (default: dta_shift_delete / dta_shift_overexpress)"
     )
-    p.add_argument(
-        "--readout",
-        choices=["expression", "cosine"],
-        default="expression",
-        help="expression: change of each gene's predicted presence (signed); cosine: Geneformer's embedding shift",
-    )
-    p.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
+    _add_readout(p)
     _add_device(p)
 
     # rank

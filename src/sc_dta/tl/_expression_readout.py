@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sc_dta._settings import settings
-from sc_dta.tl._perturb_engine import MIN_FILL, PerturbSpec, _batch_len, _oom_error, _pad, perturb_tokens
+from sc_dta.tl._padding import pad_tokens
+from sc_dta.tl._perturb_engine import MIN_FILL, PerturbSpec, _batch_len, _oom_error, perturb_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def run_expression_readout(
         owner_arr = np.asarray(owner, dtype=np.int64)
         total = torch.zeros(len(seqs), len(columns), device=device)
         for start in range(0, len(rows), batch_size):
-            ids_np, mask_np = _pad(rows[start : start + batch_size], pad_id)
+            ids_np, mask_np = pad_tokens(rows[start : start + batch_size], pad_id)
             ids = torch.from_numpy(ids_np).to(device)
             attn = torch.from_numpy(mask_np).to(device)
             select = ids == mask_id

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from sc_dta._settings import settings
+from sc_dta.tl._padding import pad_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -137,16 +138,6 @@ def perturb_tokens(
         ok[ok] &= pert_tokens[pert[ok]] == tokens[orig[ok]]
         return pert_tokens, orig[ok], pert[ok]
     raise ValueError(f"kind: expected 'delete', 'overexpress' or 'embedding', got {spec.kind!r}.")
-
-
-def _pad(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    lmax = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), lmax), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), lmax), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 #: A batch ends where a cell is shorter than this fraction of the batch's longest cell (bounds the padding).
@@ -311,7 +302,7 @@ def run_perturbations(
             return forward(model, ids, mask, inputs_embeds=embeds, emb_layer=emb_layer)
 
     def process(batch: np.ndarray) -> list[tuple]:
-        ids0, mask0 = _pad([cells[i] for i in batch], pad_id)
+        ids0, mask0 = pad_tokens([cells[i] for i in batch], pad_id)
         h0 = fwd(ids0, mask0, None)
         results = []
         for k, s in enumerate(specs):
@@ -325,7 +316,7 @@ def run_perturbations(
             if not rows:
                 results.append(None)
                 continue
-            ids1, mask1 = _pad([r[1][0] for r in rows], pad_id)
+            ids1, mask1 = pad_tokens([r[1][0] for r in rows], pad_id)
             h1 = fwd(ids1, mask1, overrides[k])
             b0 = np.concatenate([np.full(len(r[1][1]), r[0]) for r in rows]).astype(np.int64)
             b1 = np.concatenate([np.full(len(r[1][1]), j) for j, r in enumerate(rows)]).astype(np.int64)
