@@ -52,7 +52,10 @@ _RESUME_KEYS = (
     "n_val_cells",
 )
 #: Default budget: about this many cell passes (epochs = passes / training cells), within the bounds below.
-TARGET_CELL_PASSES = 60_000
+TARGET_CELL_PASSES = 100_000
+#: Early stopping never ends a run before this fraction of its epochs (masked-gene training plateaus on the gene
+#: frequencies before it learns gene-gene dependencies; stopping on that plateau learns nothing: measured).
+MIN_EPOCH_FRACTION = 0.5
 MIN_EPOCHS, MAX_EPOCHS = 5, 100
 #: Context gain (nats per masked gene) under which train_adapter warns that no dependency was learned.
 MIN_CONTEXT_GAIN = 0.02
@@ -122,7 +125,7 @@ def train_adapter(
     dna_key
         Key of the DNA embeddings in ``adata.varm``.
     epochs
-        Passes over the training cells; default :func:`default_epochs` (about 60,000 cell passes, 5 to 100
+        Passes over the training cells; default :func:`default_epochs` (about 100,000 cell passes, 5 to 100
         epochs), cut short by ``early_stopping``.
     batch_size
         Cells per micro-batch; default ``dta.settings.batch_size_cells``.
@@ -134,7 +137,8 @@ def train_adapter(
         Train the adapter only. Default: frozen for a pretrained backbone (Geneformer), trained for one built
         from the cells (:meth:`~sc_dta.models.BioDTA.from_adata`, :meth:`~sc_dta.models.BioDTA.from_config`).
     early_stopping
-        Patience in epochs on the held-out loss (None: train all epochs, keep the last weights).
+        Patience in epochs on the held-out loss (None: train all epochs, keep the last weights). A run never stops
+        before half of its epochs: masked-gene training first plateaus on the gene frequencies.
     val_fraction
         Fraction of cells held out for the held-out loss and the context gain (0 = none).
     output_dir
@@ -344,6 +348,7 @@ def train_adapter(
             device=dev,
             val_batches=val_batches,
             early_stopping=early_stopping,
+            min_epochs=math.ceil(MIN_EPOCH_FRACTION * epochs),
             checkpoint=save_checkpoint if ckpt is not None else None,
             stop_after_steps=_stop_after_steps,
         )

@@ -203,8 +203,9 @@ class Trainer:
         Token ids per cell, their lengths, and the training cells.
     batch_size, accumulation_steps, epochs, max_grad_norm, freeze_backbone, seed, device
         Run settings (see :func:`sc_dta.tl.train_adapter`).
-    val_batches, early_stopping
-        Held-out batches (fixed masks) and the patience in epochs (None: no early stopping).
+    val_batches, early_stopping, min_epochs
+        Held-out batches (fixed masks), the patience in epochs (None: no early stopping) and the epochs always
+        trained before early stopping may end the run.
     checkpoint
         Called as ``checkpoint(progress, rng_state)`` to save a checkpoint (None: no checkpoints).
     stop_after_steps
@@ -231,6 +232,7 @@ class Trainer:
         device,
         val_batches: list,
         early_stopping: int | None,
+        min_epochs: int = 0,
         checkpoint=None,
         stop_after_steps: int | None = None,
     ) -> None:
@@ -239,7 +241,7 @@ class Trainer:
         self.seqs, self.lengths, self.train_cells = seqs, lengths, train_cells
         self.batch_size, self.accumulation_steps, self.epochs = batch_size, accumulation_steps, epochs
         self.max_grad_norm, self.freeze_backbone, self.seed, self.device = max_grad_norm, freeze_backbone, seed, device
-        self.val_batches, self.early_stopping = val_batches, early_stopping
+        self.val_batches, self.early_stopping, self.min_epochs = val_batches, early_stopping, min_epochs
         self.checkpoint, self.stop_after_steps = checkpoint, stop_after_steps
         self.params = [p for p in bio.parameters() if p.requires_grad]
         self.cuda_devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
@@ -301,7 +303,7 @@ class Trainer:
             state.best = {"loss": val_loss, "epoch": epoch, "weights": snapshot_weights(self.bio), "bad_epochs": 0}
             return
         best["bad_epochs"] += 1
-        if best["bad_epochs"] >= self.early_stopping:
+        if best["bad_epochs"] >= self.early_stopping and epoch + 1 >= self.min_epochs:
             state.stopped = True
             logger.info(
                 "Early stopping after epoch %d: no improvement on %.4f (epoch %d) for %d epochs.",
