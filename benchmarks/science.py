@@ -144,7 +144,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="science.csv")
     p.add_argument("--data-dir", default="/tmp/sc_dta_science")
     p.add_argument("--per-seed", action="store_true")
+    p.add_argument("--from-csv", nargs="+", default=None, help="print the table of earlier runs' CSV files")
     args = p.parse_args(argv)
+    if args.from_csv:
+        frame = pd.concat([pd.read_csv(f) for f in args.from_csv], ignore_index=True)
+        print_table(frame, sorted(frame.seed.unique().tolist()), args.encoder, args.per_seed)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
@@ -158,16 +163,19 @@ def main(argv=None) -> None:
             last = frame[(frame.dataset == name) & (frame.seed == seed)]
             print(f"[{name} seed {seed}] specificity {last.specificity.iloc[0]:.2f}, context gain "
                   f"{last.context_gain.iloc[0]:.3f}, {last.total_s.iloc[0]:.0f} s", flush=True)  # fmt: skip
-    frame = pd.DataFrame(rows)
+    print_table(pd.DataFrame(rows), args.seeds, args.encoder, args.per_seed)
+
+
+def print_table(frame: pd.DataFrame, seeds, encoder: str, per_seed: bool) -> None:
     cols = ["direct", "indirect", "descendants", "specificity", "context_gain", "total_s"]
     order = list(dict.fromkeys(frame.method))
     table = frame.groupby(["dataset", "method"], sort=False)[cols].mean().reset_index()
     table["method"] = pd.Categorical(table["method"], order, ordered=True)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
-        print(f"\nAUROC of the TF's targets (mean over seeds {args.seeds}; encoder {args.encoder}; "
+        print(f"\nAUROC of the TF's targets (mean over seeds {list(seeds)}; encoder {encoder}; "
               "specificity, context gain and run time are per data set)")  # fmt: skip
         print(table.sort_values(["dataset", "method"]).to_string(index=False))
-        if args.per_seed:
+        if per_seed:
             print(frame[["dataset", "seed", "method", *cols]].to_string(index=False))
 
 

@@ -524,7 +524,13 @@ def test_perturb_tss_takes_paths_and_names_and_refuses_another_encoder(tss_setup
     # a FASTA path and a saved model folder work like the objects
     model.save_pretrained(tmp_path / "model")
     res = dta.tl.perturb_tss(
-        a, "DPM1", "delete:-20:+20", model=tmp_path / "model", genome=[str(x) for x in genome.paths], encoder=encoder, copy=True
+        a,
+        "DPM1",
+        "delete:-20:+20",
+        model=tmp_path / "model",
+        genome=[str(x) for x in genome.paths],
+        encoder=encoder,
+        copy=True,
     )
     np.testing.assert_allclose(res.var["dta_shift_mean"], ref.var["dta_shift_mean"], atol=1e-5, equal_nan=True)
     # another window or k than the adapter was trained on is an error naming the encoder, before anything is written
