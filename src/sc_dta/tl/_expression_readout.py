@@ -175,11 +175,11 @@ def run_expression_readout(
         total = torch.zeros(len(seqs), len(columns), device=device)
         for start in range(0, len(rows), batch_size):
             ids_np, mask_np = pad_tokens(rows[start : start + batch_size], pad_id)
-            ids = torch.from_numpy(ids_np).to(device)
+            batch_ids = torch.from_numpy(ids_np).to(device)
             attn = torch.from_numpy(mask_np).to(device)
-            select = ids == mask_id
-            embeds = model.embed_tokens(ids, dna_overrides=override) if override is not None else None
-            logp = masked_log_probs(model, ids, attn, select, inputs_embeds=embeds, exclude=exclude)
+            select = batch_ids == mask_id
+            embeds = model.embed_tokens(batch_ids, dna_overrides=override) if override is not None else None
+            logp = masked_log_probs(model, batch_ids, attn, select, inputs_embeds=embeds, exclude=exclude)
             probs = logp.exp()[:, cols_t]
             row_of = torch.nonzero(select)[:, 0] + start
             seq_of = torch.from_numpy(owner_arr).to(device)[row_of]
