@@ -541,14 +541,20 @@ def perturb_gene(
     copy: bool = False,
     mod: str = "rna",
 ) -> AnnData | MuData | None:
-    """Geneformer's in-silico deletion / overexpression of one gene (the adapter-free baseline).
+    """In-silico deletion / overexpression of one gene's token: the adapter-free baseline of Bio-DTA.
 
-    For every selected cell whose tokens contain ``gene``, the model is run on the original
-    tokens and on the perturbed ones, and each other gene's shift is ``1 - cos`` of its two
-    contextual embeddings at ``emb_layer``. ``delete`` removes the gene's token; ``overexpress``
-    moves it to the front (after ``<cls>`` in V2). The genes are paired position by position after
-    removing the perturbed gene, so ``<cls>``/``<eos>`` and the gene itself are never affected genes.
-    Cells without the gene are not evaluated.
+    For every selected cell that contains ``gene`` the model is run on the original tokens and on the perturbed
+    ones. ``delete`` removes the gene's token (Geneformer's in-silico deletion). ``overexpress`` moves it to the
+    front (after ``<cls>`` in V2), as Geneformer does; in a position-free model (:attr:`BioDTA.position_free
+    <sc_dta.models.BioDTA.position_free>`), where moving a token changes nothing, it instead adds the gene to the
+    selected cells that lack it.
+
+    ``readout="expression"`` (default) reports, for every gene of the vocabulary in every evaluated cell, the
+    change of its expected presence predicted by the masked-gene head, ``log E(perturbed) - log E(original)``
+    (signed; the cell's gene positions are masked in ``n_folds`` folds; see the method page of the docs).
+    ``readout="cosine"`` is Geneformer's shift: ``1 - cos`` of each other gene's contextual embedding at
+    ``emb_layer``, genes paired position by position after removing the perturbed gene, for the genes in the cell's
+    tokens (``<cls>``/``<eos>`` and the gene itself are never affected genes).
 
     Parameters
     ----------
@@ -557,11 +563,14 @@ def perturb_gene(
     gene
         A var name, a gene symbol or an Ensembl id known to the model's vocabulary.
     model
-        A Geneformer ``BertForMaskedLM`` from :func:`sc_dta.models.load_geneformer` or a
-        :class:`~sc_dta.models.BioDTA` (then the input embeddings are its dynamic ones).
+        A Geneformer ``BertForMaskedLM`` from :func:`sc_dta.models.load_geneformer`, a
+        :class:`~sc_dta.models.BioDTA` (then the input embeddings are its dynamic ones), or the folder or name of
+        either.
     kind
         ``"delete"``, ``"overexpress"``, or a list of both: the unperturbed forward pass is computed
         once and shared.
+    readout
+        ``"expression"`` or ``"cosine"`` (see above).
     cells
         Boolean mask over ``obs``, obs names, or None for all cells.
     layer
@@ -571,11 +580,17 @@ def perturb_gene(
         ``adata`` (or ``layer``) with the model's vocabulary.
     key_added
         Result key. Default ``"dta_shift_delete"`` / ``"dta_shift_overexpress"``; with several kinds a
-        given ``key_added`` becomes ``f"{key_added}_{kind}"``.
+        given ``key_added`` becomes ``f"{key_added}_{kind}"``. Slots that are not a previous ``perturb_gene``
+        result are never overwritten (an error); a previous result is replaced with a warning.
     emb_layer
-        Layer compared: ``-1`` second-to-last (Geneformer's default), ``0`` last.
+        Layer compared by the cosine readout: ``"second_to_last"`` or ``-1`` (default, Geneformer's), ``"last"``
+        or ``0``, down to ``-n_layers`` for the embedding output.
+    n_folds
+        Folds of masked positions of the expression readout (each gene position is masked once).
+    seed
+        Seed of the expression readout's folds.
     batch_size
-        Cells per forward pass (default ``settings.batch_size_cells``); halved on CUDA out-of-memory.
+        Sequences per forward pass (default ``settings.batch_size_cells``); halved on CUDA out-of-memory.
     device
         Compute device (default ``settings.device``); the model is moved there.
     copy
@@ -588,28 +603,31 @@ def perturb_gene(
     ``adata`` copy when ``copy=True``, else None. For each result key ``key`` it writes:
 
     ``adata.layers[key]``
-        CSR float32 ``n_obs × n_vars``: the shift of each gene in each evaluated cell where the gene
-        is among the cell's tokens (stored entries only there; the perturbed gene has none).
+        CSR float32 ``n_obs × n_vars``: the shift of each gene in each evaluated cell (expression readout:
+        every gene of the vocabulary; cosine readout: the genes among the cell's tokens). The perturbed gene has
+        no entry.
     ``adata.obs[key + '_cell']``
-        Mean gene shift of the cell (NaN when not evaluated).
+        Mean gene shift of the cell (expression readout: mean magnitude; NaN when not evaluated).
     ``adata.obs[key + '_cell_emb']``
-        ``1 - cos`` of the cell embeddings: the ``<cls>`` vector when the cells start with ``<cls>``
-        (V2, as Geneformer), else the mean of the paired gene embeddings (V1).
+        Cosine readout only: ``1 - cos`` of the cell embeddings (the ``<cls>`` vector when the cells start with
+        ``<cls>``, as Geneformer V2, else the mean of the paired gene embeddings).
     ``adata.obs[key + '_evaluated']``
-        Whether the cell was evaluated (selected and containing the gene).
+        Whether the cell was evaluated.
     ``adata.var[key + '_mean']``, ``adata.var[key + '_n']``
-        Mean shift over the cells where the gene was measured, and that number of cells.
+        Mean shift over the cells where the gene was measured (signed for the expression readout), and that
+        number of cells.
     ``adata.uns[key]['params']``
-        gene, gene_id, token_id, kind, model ids, emb_layer, cells, n_evaluated, cell_emb.
+        gene, gene_id, token_id, kind, readout, layer, model ids, cells, n_evaluated (and emb_layer, cell_emb
+        or n_folds, seed).
+
+    A warning says when every shift is at numerical-noise level (the model does not use the gene).
 
     Notes
     -----
-    Geneformer's perturber also overexpresses a gene in cells that lack it (inserting the token and
-    trimming the sequence to the model's length); here, as for deletion, only cells whose tokens
-    contain the gene are evaluated. Cost: per evaluated cell one unperturbed forward pass (shared by
-    all kinds) and one per kind, each only up to ``emb_layer`` and never through the masked-LM head;
-    batches are sorted by length and padded per batch; shifts are computed on the device (float32
-    cosines) under :func:`sc_dta._utils.autocast` (bf16 on CUDA by default).
+    Cost per evaluated cell: the cosine readout runs one unperturbed forward pass (shared by all kinds) and one per
+    kind, each only up to ``emb_layer`` and never through the masked-LM head; the expression readout runs
+    ``n_folds`` masked passes per version through the head, logits only at the masked positions. Batches are sorted
+    by length and padded per batch, under :func:`sc_dta._utils.autocast` (bf16 on CUDA by default).
     """
     kinds = [kind] if isinstance(kind, str) else list(kind)
     if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
