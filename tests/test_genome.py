@@ -131,7 +131,7 @@ def test_split_per_chromosome_files(tmp_path):
 def _write_bgzf(path: Path, data: bytes, block: int = 500) -> None:
     """Minimal BGZF writer (gzip members with the BC extra field, then the EOF block)."""
     out = bytearray()
-    for i in range(0, len(data) + 1, block):
+    for i in range(0, len(data), block):
         chunk = data[i : i + block]
         comp = zlib.compressobj(6, zlib.DEFLATED, -15)
         cdata = comp.compress(chunk) + comp.flush()
@@ -145,6 +145,7 @@ def _write_bgzf(path: Path, data: bytes, block: int = 500) -> None:
             + struct.pack("<HH", 2, bsize)
         )
         out += cdata + struct.pack("<II", zlib.crc32(chunk) & 0xFFFFFFFF, len(chunk))
+    out += bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")  # the standard BGZF EOF block
     path.write_bytes(bytes(out))
 
 

@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Dynamic token adaptation (Bio-DTA): DNA-aware single-cell foundation models, in-silico TSS "
         "mutation and target ranking on AnnData (.h5ad) files.",
-        epilog="Run `sc-dta demo` for a 2-minute CPU demonstration on simulated data with a planted regulatory "
+        epilog="Run `sc-dta demo` for a 1.5-minute CPU demonstration on simulated data with a planted regulatory "
         "network. `sc-dta COMMAND --help` describes each command.",
         formatter_class=_Formatter,
     )
