@@ -441,3 +441,24 @@ def test_rank_show_zero_prints_no_table(result_file, tmp_path, capsys):
     assert "Empty DataFrame" not in out
     lines = out.splitlines()
     assert "auroc" in lines[0] and lines[1].split()[0] == "t"  # only the metrics, no blank line first
+
+
+def test_layer_option_reads_raw_counts_after_log1p(pipeline, tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+
+    files = pipeline["files"]
+    logged = ad.read_h5ad(files["dna"])
+    logged.layers["counts"] = logged.X.copy()
+    logged.X = np.log1p(logged.X)  # what sc.pp.log1p leaves in X
+    path = tmp_path / "logged.h5ad"
+    logged.write_h5ad(path)
+    gene = logged.uns["simulated_grn"]["tf"]
+    base = ["perturb-gene", str(path), "--model", str(pipeline["model"]), "--gene", gene]
+    assert main([*base, "-o", str(tmp_path / "no.h5ad")]) == 2
+    assert "raw" in _one_line_error(capsys, "perturb-gene")
+    out = tmp_path / "yes.h5ad"
+    assert main([*base, "--layer", "counts", "--readout", "cosine", "-o", str(out)]) == 0
+    res = ad.read_h5ad(out)
+    assert res.uns["dta_shift_delete"]["params"]["layer"] == "counts"
+    assert res.uns["dta_shift_delete"]["params"]["readout"] == "cosine"
