@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,10 @@ def sequence_key(sequence: str) -> str:
     return hashlib.sha256(sequence.upper().encode("utf-8")).hexdigest()
 
 
+#: Serialises ``np.load`` across threads (CPython 3.11's ``ast`` raises SystemError under concurrent parsing).
+_LOAD_LOCK = threading.Lock()
+
+
 class DNAEmbeddingCache:
     """Disk cache of one encoder's window embeddings, keyed by the sha256 of the window sequence.
 
@@ -104,7 +109,8 @@ class DNAEmbeddingCache:
         """Return the stored embedding (float32, ``(dim,)``) or None when absent or unreadable."""
         path = self.path(key)
         try:
-            value = np.load(path, allow_pickle=False)
+            with _LOAD_LOCK:  # numpy parses .npy headers with ast, which CPython 3.11 cannot do in parallel threads
+                value = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError) as e:
