@@ -239,3 +239,8 @@ def test_compare_records_and_target_table():
     table = pd.DataFrame({"source": ["G5", "G5", "G9"], "target": ["G1", "G2", "G3"]})
     df = dta.tl.rank_targets(a, known_targets=table)
     assert set(df.index[df["is_target"]]) == {"G1", "G2"}
+    # a table that names TFs by symbol (CollecTRI) finds the perturbed gene through var's symbol column
+    a.var["gene_symbol"] = [f"sym{j}" for j in range(a.n_vars)]
+    by_symbol = pd.DataFrame({"source": ["SYM5", "sym5", "sym9"], "target": ["sym1", "G2", "sym3"]})
+    df = dta.tl.rank_targets(a, known_targets=by_symbol)
+    assert set(df.index[df["is_target"]]) == {"G1", "G2"}

@@ -44,13 +44,19 @@ def _check_key(adata: AnnData, key: str) -> None:
         )
 
 
-def _target_sets(known_targets: Any, tf: str | None = None) -> dict[str, list[str]]:
+def _target_sets(known_targets: Any, tf: str | Sequence[str] | None = None) -> dict[str, list[str]]:
     if known_targets is None:
         return {}
     if isinstance(known_targets, pd.DataFrame):
         from sc_dta.datasets._known_targets import targets_from_table
 
-        return {"targets": targets_from_table(known_targets, tf)}
+        names = [tf] if isinstance(tf, str) or tf is None else [n for n in tf if n]
+        for name in names[:-1]:  # the perturbed gene as given, then its symbol
+            try:
+                return {"targets": targets_from_table(known_targets, name)}
+            except KeyError:
+                continue
+        return {"targets": targets_from_table(known_targets, names[-1] if names else None)}
     if isinstance(known_targets, str):
         raise TypeError("known_targets: expected a list of gene names or a dict of named lists, got a single string.")
     if isinstance(known_targets, Mapping):
@@ -61,6 +67,16 @@ def _target_sets(known_targets: Any, tf: str | None = None) -> dict[str, list[st
             sets[str(name)] = [str(g) for g in genes]
         return sets
     return {"targets": [str(g) for g in known_targets]}
+
+
+def _gene_names(adata: AnnData, gene: str) -> list[str]:
+    """List the perturbed gene as given, then its symbols in ``var`` (to find it in a TF -> target table)."""
+    names = [str(gene)]
+    mask, _ = _match_genes(adata, [str(gene)])
+    for col in NAME_COLUMNS:
+        if col in adata.var.columns and mask.any():
+            names += [str(v) for v in adata.var.loc[mask, col] if str(v) not in names]
+    return names
 
 
 def _match_genes(adata: AnnData, genes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -259,7 +275,8 @@ def rank_targets(
     if groupby is not None and groupby not in ad.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs.")
     params = ad.uns.get(key, {}).get("params", {}) if isinstance(ad.uns.get(key), Mapping) else {}
-    sets = _target_sets(known_targets, params.get("gene") if isinstance(params, Mapping) else None)
+    gene = params.get("gene") if isinstance(params, Mapping) else None
+    sets = _target_sets(known_targets, _gene_names(ad, gene) if gene else None)
 
     table, order = _ranked_table(ad, key, direction, min_cells, groupby)
     metrics: dict[str, dict] = {}
