@@ -23,12 +23,10 @@ from sc_dta.datasets._simulated import (
     SimulatedGRN,
     _fasta_text,
     _gtf_lines,
-    _plant,
-    _random_sequence,
-    _remove_motif,
     _revcomp,
     _symbols,
     _write_if_changed,
+    synthetic_genome,
 )
 
 if TYPE_CHECKING:
@@ -237,7 +235,9 @@ def sergio_grn(
 
     # ---- genome and annotation (same construction as simulated_grn) -----------------------------
     rng_genome = np.random.default_rng(seq_genome)
-    seqs, chrom_of, tss, strands = _genome(rng_genome, net.role, params)
+    seqs, chrom_of, tss, strands = synthetic_genome(
+        rng_genome, net.role, params["n_chromosomes"], params["gene_spacing"], params["tf_motif"]
+    )
     gtf_lines = _gtf_lines(
         rng_genome, net.gene_ids, net.symbols, net.role, chrom_of, tss, strands, params["gene_spacing"]
     )
@@ -411,30 +411,6 @@ def _second_layer(rng, net: _Network, targets: np.ndarray, parents: np.ndarray, 
         chosen = rng.choice(parents, size=n_par, replace=False)
         for reg, rep in zip(chosen, signs(n_par), strict=True):
             net.edges.append((int(reg), int(g), strength(bool(rep))))
-
-
-def _genome(rng: np.random.Generator, role: np.ndarray, p: dict):
-    """Chromosomes, gene slots and planted motifs, as :func:`~sc_dta.datasets.simulated_grn` makes them."""
-    n_genes, spacing, motif = p["n_genes"], p["gene_spacing"], p["tf_motif"]
-    strands = rng.choice(np.array(["+", "-"]), size=n_genes)
-    chrom_of = np.empty(n_genes, dtype=object)
-    tss = np.zeros(n_genes, dtype=np.int64)  # 0-based first transcribed base
-    lengths = {}
-    for ci, genes in enumerate(np.array_split(np.arange(n_genes), p["n_chromosomes"])):
-        name = f"chr{ci + 1}"
-        for j, g in enumerate(genes):
-            chrom_of[g] = name
-            tss[g] = spacing // 2 + j * spacing + spacing // 2
-        lengths[name] = (len(genes) + 1) * spacing
-    seqs = {c: _random_sequence(rng, n) for c, n in lengths.items()}
-    for c in seqs:
-        _remove_motif(seqs[c], motif, rng)
-    motif_arr = np.frombuffer(motif.encode(), dtype=np.uint8)
-    for g in range(n_genes):
-        positions = {"tf": TF_MOTIF_POSITIONS, "direct": TARGET_MOTIF_POSITIONS}.get(role[g], ())
-        for rel in positions:
-            _plant(seqs[chrom_of[g]], motif_arr, int(tss[g]), strands[g], rel)
-    return seqs, chrom_of, tss, strands
 
 
 # ---- SERGIO -------------------------------------------------------------------------------------

@@ -241,32 +241,8 @@ def simulated_grn(
     gene_ids = np.array([f"ENSSIM{i + 1:011d}" for i in range(n_genes)], dtype=object)
     symbols = _symbols(role, mtype)
 
-    strands = rng.choice(np.array(["+", "-"]), size=n_genes)
-    per_chrom = np.array_split(np.arange(n_genes), n_chromosomes)
-    chrom_of = np.empty(n_genes, dtype=object)
-    tss = np.zeros(n_genes, dtype=np.int64)  # 0-based first transcribed base
-    chrom_lengths = {}
-    for ci, genes in enumerate(per_chrom):
-        name = f"chr{ci + 1}"
-        for j, g in enumerate(genes):
-            chrom_of[g] = name
-            tss[g] = gene_spacing // 2 + j * gene_spacing + gene_spacing // 2
-        chrom_lengths[name] = (len(genes) + 1) * gene_spacing
-
     # ---- genome ---------------------------------------------------------------------------------
-    seqs = {c: _random_sequence(rng, n) for c, n in chrom_lengths.items()}
-    for c in seqs:
-        _remove_motif(seqs[c], tf_motif, rng)
-    motif_arr = np.frombuffer(tf_motif.encode(), dtype=np.uint8)
-    for g in range(n_genes):
-        if role[g] == "tf":
-            positions = TF_MOTIF_POSITIONS
-        elif role[g] == "direct":
-            positions = TARGET_MOTIF_POSITIONS
-        else:
-            continue
-        for p in positions:
-            _plant(seqs[chrom_of[g]], motif_arr, int(tss[g]), strands[g], p)
+    seqs, chrom_of, tss, strands = synthetic_genome(rng, role, n_chromosomes, gene_spacing, tf_motif)
 
     # ---- transcripts ----------------------------------------------------------------------------
     gtf_lines = _gtf_lines(rng, gene_ids, symbols, role, chrom_of, tss, strands, gene_spacing)
@@ -332,6 +308,36 @@ def simulated_grn(
 
 
 # ------------------------------------------------------------------------------------------------
+def synthetic_genome(
+    rng: np.random.Generator, role: np.ndarray, n_chromosomes: int, gene_spacing: int, motif: str
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Random chromosomes with one gene per ``gene_spacing`` slot and the TF motif planted by role.
+
+    Returns the sequences (uint8 per chromosome), and per gene its chromosome, 0-based TSS and strand. The motif is
+    removed from the background, then planted at :data:`TF_MOTIF_POSITIONS` in the TF's promoter and at
+    :data:`TARGET_MOTIF_POSITIONS` in each direct target's promoter.
+    """
+    n_genes = len(role)
+    strands = rng.choice(np.array(["+", "-"]), size=n_genes)
+    chrom_of = np.empty(n_genes, dtype=object)
+    tss = np.zeros(n_genes, dtype=np.int64)  # 0-based first transcribed base
+    lengths = {}
+    for ci, genes in enumerate(np.array_split(np.arange(n_genes), n_chromosomes)):
+        name = f"chr{ci + 1}"
+        for j, g in enumerate(genes):
+            chrom_of[g] = name
+            tss[g] = gene_spacing // 2 + j * gene_spacing + gene_spacing // 2
+        lengths[name] = (len(genes) + 1) * gene_spacing
+    seqs = {c: _random_sequence(rng, n) for c, n in lengths.items()}
+    for c in seqs:
+        _remove_motif(seqs[c], motif, rng)
+    motif_arr = np.frombuffer(motif.encode(), dtype=np.uint8)
+    for g in range(n_genes):
+        for rel in {"tf": TF_MOTIF_POSITIONS, "direct": TARGET_MOTIF_POSITIONS}.get(role[g], ()):
+            _plant(seqs[chrom_of[g]], motif_arr, int(tss[g]), strands[g], rel)
+    return seqs, chrom_of, tss, strands
+
+
 def _validate(p: dict) -> None:
     for name in ("n_cells", "n_genes", "n_cell_types", "n_chromosomes", "gene_spacing", "n_markers"):
         v = p[name]
