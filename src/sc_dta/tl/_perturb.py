@@ -143,6 +143,24 @@ def _token_rows(adata: AnnData, tokens: Any) -> np.ndarray:
     return rows
 
 
+def _select_cells(adata: AnnData, tokens: Any, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``adata`` rows and token ids of the tokenized cells selected by ``mask`` (empty cells left out)."""
+    rows = _token_rows(adata, tokens)
+    keep = mask[rows]
+    if hasattr(tokens, "empty"):
+        keep &= ~np.asarray(tokens.empty, dtype=bool)
+    return rows[keep], [np.asarray(tokens.input_ids[i]) for i in np.flatnonzero(keep)]
+
+
+def _token_columns(tokens: Any, largest_token: int = 0) -> np.ndarray:
+    """Column of ``adata.var`` of every token id up to ``largest_token`` at least (-1: not a var)."""
+    tok2var = tokens.token_to_var()
+    tok2col = np.full(max(max(tok2var, default=0), largest_token) + 1, -1, dtype=np.int64)
+    for t, v in tok2var.items():
+        tok2col[int(t)] = int(v)
+    return tok2col
+
+
 def _cells_mask(adata: AnnData, cells: Any) -> np.ndarray:
     if cells is None:
         return np.ones(adata.n_obs, dtype=bool)
@@ -451,12 +469,7 @@ class _Run:
         self.token_id, self.var_pos, self.gene_id = _resolve_gene(adata, gene, self.tokens, self.vocab)
         if need_var and self.var_pos is None:
             raise KeyError(f"gene: {gene!r} is not in adata.var_names.")
-        rows = _token_rows(adata, self.tokens)
-        keep = mask[rows]
-        if hasattr(self.tokens, "empty"):
-            keep &= ~np.asarray(self.tokens.empty, dtype=bool)
-        self.rows = rows[keep]
-        self.cells = [np.asarray(self.tokens.input_ids[i]) for i in np.flatnonzero(keep)]
+        self.rows, self.cells = _select_cells(adata, self.tokens, mask)
         has_gene = np.array([bool(np.any(c == self.token_id)) for c in self.cells], dtype=bool)
         if not has_gene.any():
             raise ValueError(
@@ -465,11 +478,7 @@ class _Run:
             )
         self.n_selected = int(mask.sum())
         self.n_with_gene = int(has_gene.sum())
-        tok2var = self.tokens.token_to_var()
-        size = max(max(tok2var, default=0), int(self.token_id)) + 1
-        self.tok2col = np.full(size, -1, dtype=np.int64)
-        for t, v in tok2var.items():
-            self.tok2col[int(t)] = int(v)
+        self.tok2col = _token_columns(self.tokens, int(self.token_id))
         self.specials = _special_ids(self.vocab)
 
     def results(self, model: nn.Module, specs: list[PerturbSpec], **kwargs: Any) -> list[ShiftResult]:

@@ -30,8 +30,9 @@ from sc_dta.tl._perturb import (
     _model_info,
     _mutation_text,
     _resolve_gene,
+    _select_cells,
     _special_ids,
-    _token_rows,
+    _token_columns,
     _tokenize,
     _vocab_of,
 )
@@ -177,18 +178,11 @@ class _Cells:
         self.vocab = _vocab_of(model, self.tokens)
         if tokens is not None:
             _check_tokens_fit(model, self.tokens)
-        rows = _token_rows(adata, self.tokens)
-        keep = mask[rows]
-        if hasattr(self.tokens, "empty"):
-            keep &= ~np.asarray(self.tokens.empty, dtype=bool)
-        self.rows = rows[keep]
-        self.cells = [np.asarray(self.tokens.input_ids[i]) for i in np.flatnonzero(keep)]
+        self.rows, self.cells = _select_cells(adata, self.tokens, mask)
         self.n_selected = int(mask.sum())
+        size = len(self.vocab) if hasattr(self.vocab, "__len__") else 0
+        self.tok2col = _token_columns(self.tokens, size)
         tok2var = self.tokens.token_to_var()
-        size = max(max(tok2var, default=0), len(self.vocab) if hasattr(self.vocab, "__len__") else 0) + 1
-        self.tok2col = np.full(size, -1, dtype=np.int64)
-        for t, v in tok2var.items():
-            self.tok2col[int(t)] = int(v)
         self.columns = np.asarray(sorted(int(t) for t in tok2var), dtype=np.int64)
         self.specials = _special_ids(self.vocab)
 
