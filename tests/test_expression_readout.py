@@ -198,3 +198,26 @@ def test_readout_errors():
             **cell_specs(vocab),
         )
     assert "dta_shift_delete" not in a.layers
+
+
+def test_out_of_memory_halves_the_batches_and_gives_the_same_result(monkeypatch):
+    import torch
+
+    import sc_dta.models._forward as fwd
+
+    a, vocab, model, tokens = build("none")
+    ref = dta.tl.perturb_gene(a, TF, model=model, tokens=tokens, n_folds=N_FOLDS, seed=SEED, copy=True, batch_size=8)
+    real, calls = fwd.masked_log_probs, []
+
+    def flaky(model_, ids, *args, **kwargs):
+        calls.append(ids.shape[0])
+        if ids.shape[0] > 2:  # more than two masked sequences per pass "do not fit"
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model_, ids, *args, **kwargs)
+
+    monkeypatch.setattr(fwd, "masked_log_probs", flaky)
+    out = dta.tl.perturb_gene(a, TF, model=model, tokens=tokens, n_folds=N_FOLDS, seed=SEED, copy=True, batch_size=8)
+    assert max(calls) > 2 and min(calls) <= 2  # it failed, then ran with smaller passes
+    np.testing.assert_allclose(
+        out.layers["dta_shift_delete"].toarray(), ref.layers["dta_shift_delete"].toarray(), atol=1e-6
+    )

@@ -27,7 +27,7 @@ import numpy as np
 
 from sc_dta._settings import settings
 from sc_dta.tl._padding import pad_tokens
-from sc_dta.tl._perturb_engine import MIN_FILL, PerturbSpec, _batch_len, _oom_error, perturb_tokens
+from sc_dta.tl._perturb_engine import PerturbSpec, length_sorted_batches, perturb_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +116,8 @@ def run_expression_readout(
     One :class:`ExpressionResult` per spec.
     """
     import torch
-    from tqdm.auto import tqdm
 
-    from sc_dta._utils import autocast, resolve_device
+    from sc_dta._utils import resolve_device
     from sc_dta.models._forward import masked_log_probs
 
     if not specs:
@@ -162,6 +161,8 @@ def run_expression_readout(
         for s in specs
     ]
 
+    rows_per_pass = [batch_size]  # masked sequences per forward pass, halved on out-of-memory
+
     def presence(seqs: list[np.ndarray], slots: list[np.ndarray], folds: list[np.ndarray], override) -> torch.Tensor:
         """Return the expected presence (n_seqs, n_columns): each seq masked fold by fold at its slots."""
         rows, owner = [], []
@@ -173,8 +174,9 @@ def run_expression_readout(
                 owner.append(k)
         owner_arr = np.asarray(owner, dtype=np.int64)
         total = torch.zeros(len(seqs), len(columns), device=device)
-        for start in range(0, len(rows), batch_size):
-            ids_np, mask_np = pad_tokens(rows[start : start + batch_size], pad_id)
+        step = rows_per_pass[0]
+        for start in range(0, len(rows), step):
+            ids_np, mask_np = pad_tokens(rows[start : start + step], pad_id)
             batch_ids = torch.from_numpy(ids_np).to(device)
             attn = torch.from_numpy(mask_np).to(device)
             select = batch_ids == mask_id
@@ -188,49 +190,25 @@ def run_expression_readout(
 
     results_cells: list[list[np.ndarray]] = [[] for _ in specs]
     results_delta: list[list[np.ndarray]] = [[] for _ in specs]
-    oom = _oom_error()
-    min_fill = MIN_FILL.get(device.type, MIN_FILL["default"])
-    bs_cells = max(1, batch_size // max(1, n_folds))
-    pos = 0
+
+    def shrink() -> bool:
+        rows_per_pass[0], before = max(1, rows_per_pass[0] // 2), rows_per_pass[0]
+        return rows_per_pass[0] < before
+
+    def readout(batch: np.ndarray) -> list:
+        return _readout_batch(
+            batch, cells, ids, specs, evaluable, overrides, presence, special, gene, cls_id, eos_id, n_folds, seed
+        )
+
     try:
-        with (
-            torch.inference_mode(),
-            autocast(device),
-            tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
+        cells_per_batch = max(1, batch_size // max(1, n_folds))
+        for _, out in length_sorted_batches(
+            order, sorted_lengths, cells_per_batch, device, readout, desc=desc, on_oom=shrink
         ):
-            while pos < len(order):
-                batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs_cells, min_fill)]
-                try:
-                    out = _readout_batch(
-                        batch,
-                        cells,
-                        ids,
-                        specs,
-                        evaluable,
-                        overrides,
-                        presence,
-                        special,
-                        gene,
-                        cls_id,
-                        eos_id,
-                        n_folds,
-                        seed,
-                    )
-                except oom:
-                    if bs_cells == 1 and batch_size == 1:
-                        raise
-                    bs_cells = max(1, len(batch) // 2)
-                    batch_size = max(1, batch_size // 2)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    logger.warning("Out of memory on %s; retrying with smaller batches.", device)
-                    continue
-                for k, (rows, delta) in enumerate(out):
-                    if rows.size:
-                        results_cells[k].append(rows)
-                        results_delta[k].append(delta)
-                pos += len(batch)
-                bar.update(len(batch))
+            for k, (rows, delta) in enumerate(out):
+                if rows.size:
+                    results_cells[k].append(rows)
+                    results_delta[k].append(delta)
     finally:
         model.train(was_training)
 

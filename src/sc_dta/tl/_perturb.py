@@ -405,10 +405,8 @@ def _assemble_expression(
     c = np.broadcast_to(cols[ok], values.shape)[finite]
     layer = sparse.csr_matrix((values[finite], (r, c)), shape=(adata.n_obs, adata.n_vars), dtype=np.float32)
     layer.sort_indices()
-    n = np.zeros(adata.n_vars, dtype=np.int64)
-    np.add.at(n, c, 1)
-    total = np.zeros(adata.n_vars, dtype=np.float64)
-    np.add.at(total, c, values[finite].astype(np.float64))
+    n = np.bincount(c, minlength=adata.n_vars).astype(np.int64)
+    total = np.bincount(c, weights=values[finite].astype(np.float64), minlength=adata.n_vars)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
     cell = np.full(adata.n_obs, np.nan, dtype=np.float32)

@@ -25,9 +25,9 @@ shift and the shift of the cell embedding (the ``<cls>`` vector when both versio
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -160,6 +160,54 @@ def _oom_error() -> tuple[type[BaseException], ...]:
     if hasattr(torch, "OutOfMemoryError"):
         errs.append(torch.OutOfMemoryError)
     return tuple(errs)
+
+
+def length_sorted_batches(
+    order: np.ndarray,
+    sorted_lengths: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    process: Callable[[np.ndarray], Any],
+    *,
+    desc: str,
+    on_oom: Callable[[], bool] | None = None,
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield ``(batch, process(batch))`` over the cells ``order`` (longest first), with a progress bar.
+
+    Batches hold at most ``batch_size`` cells and are cut where the padding would exceed :data:`MIN_FILL`. Everything
+    runs in one inference-mode and autocast region (autocast keeps its low-precision weight copies across batches).
+    On out-of-memory the batch is halved and retried; a single cell that does not fit is retried only while
+    ``on_oom`` (which may shrink something else, e.g. sequences per forward pass) returns True.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from sc_dta._utils import autocast
+
+    oom = _oom_error()
+    min_fill = MIN_FILL.get(device.type, MIN_FILL["default"])
+    pos, bs = 0, batch_size
+    with (
+        torch.inference_mode(),
+        autocast(device),
+        tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
+    ):
+        while pos < len(order):
+            batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs, min_fill)]
+            try:
+                result = process(batch)
+            except oom:
+                shrunk = on_oom() if on_oom is not None else False
+                if len(batch) == 1 and not shrunk:
+                    raise
+                bs = max(1, len(batch) // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
+                continue
+            yield batch, result
+            pos += len(batch)
+            bar.update(len(batch))
 
 
 def run_perturbations(
@@ -349,43 +397,18 @@ def run_perturbations(
             )
         return results
 
-    from tqdm.auto import tqdm
-
-    oom = _oom_error()
-    min_fill = MIN_FILL.get(device.type, MIN_FILL["default"])
-    pos = 0
-    bs = batch_size
     try:
-        # one outer autocast region: autocast keeps its cache of low-precision weight copies across batches
-        with (
-            torch.inference_mode(),
-            autocast(device),
-            tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
-        ):
-            while pos < len(order):
-                batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs, min_fill)]
-                try:
-                    results = process(batch)
-                except oom:
-                    if len(batch) == 1:
-                        raise
-                    bs = max(1, len(batch) // 2)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
+        for _, results in length_sorted_batches(order, sorted_lengths, batch_size, device, process, desc=desc):
+            for k, res in enumerate(results):
+                if res is None:
                     continue
-                for k, res in enumerate(results):
-                    if res is None:
-                        continue
-                    rc, toks, sh, ec, ms, es = res
-                    out_cell[k].append(rc.astype(np.int32))
-                    out_tok[k].append(toks.astype(np.int32))
-                    out_shift[k].append(sh)
-                    cell_mean[k, ec] = ms
-                    cell_embs[k, ec] = es
-                    evaluated[k, ec] = True
-                pos += len(batch)
-                bar.update(len(batch))
+                rc, toks, sh, ec, ms, es = res
+                out_cell[k].append(rc.astype(np.int32))
+                out_tok[k].append(toks.astype(np.int32))
+                out_shift[k].append(sh)
+                cell_mean[k, ec] = ms
+                cell_embs[k, ec] = es
+                evaluated[k, ec] = True
     finally:
         model.train(was_training)
 
