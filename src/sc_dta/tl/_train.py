@@ -498,7 +498,7 @@ def _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed
         return {"context_gain": nan, "loss_real_context": nan, "loss_shuffled_context": nan}
     train_tokens = np.concatenate([seqs[c] for c in train_cells])
     freq = np.bincount(train_tokens, minlength=len(vocab)).astype(np.float64)[gene_ids] + 1e-3
-    shuffled = shuffled_context(val_batches, gene_ids, freq, int(vocab.mask_id), int(vocab.pad_id), seed)
+    shuffled = shuffled_context(val_batches, gene_ids, freq, seed)
     gain, real, fake = context_gain(bio, val_batches, shuffled, dev)
     logger.info(
         "Context gain %.3f nats per masked gene (held-out loss %.3f with the real context, %.3f shuffled).",

@@ -130,7 +130,7 @@ def held_out_loss(bio: BioDTA, batches: list, dev: torch.device) -> float:
 
 
 def shuffled_context(
-    batches: list, gene_ids: np.ndarray, frequencies: np.ndarray, mask_id: int, pad_id: int, seed: int
+    batches: list, gene_ids: np.ndarray, frequencies: np.ndarray, seed: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Return the same masked batches with every visible gene token replaced by a gene drawn from ``frequencies``.
 
@@ -146,7 +146,6 @@ def shuffled_context(
         visible = np.isin(ids, gene_ids) & (labels.numpy() == -100)
         ids[visible] = rng.choice(gene_ids, size=int(visible.sum()), p=p)
         out.append((torch.from_numpy(ids), labels, attn))
-    del mask_id, pad_id
     return out
 
 
