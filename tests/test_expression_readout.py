@@ -219,5 +219,5 @@ def test_out_of_memory_halves_the_batches_and_gives_the_same_result(monkeypatch)
     out = dta.tl.perturb_gene(a, TF, model=model, tokens=tokens, n_folds=N_FOLDS, seed=SEED, copy=True, batch_size=8)
     assert max(calls) > 2 and min(calls) <= 2  # it failed, then ran with smaller passes
     np.testing.assert_allclose(
-        out.layers["dta_shift_delete"].toarray(), ref.layers["dta_shift_delete"].toarray(), atol=1e-6
+        out.layers["dta_shift_delete"].toarray(), ref.layers["dta_shift_delete"].toarray(), atol=2e-5
     )
