@@ -6,7 +6,7 @@ all contain the deleted gene. Prints cells/s and peak memory (RSS above the star
 
 * ``reference``: per cell, full ``BertForMaskedLM`` forward with all hidden states and the MLM head on
   the original and on the perturbed tokens (what Geneformer's perturber computes), float32;
-* ``sc_dta fp32``: :func:`sc_dta.tl._perturb_engine.run_perturbations` in float32;
+* ``sc_dta fp32``: :func:`sc_dta.models._perturb_engine.run_perturbations` in float32;
 * ``sc_dta bf16``: the same under bfloat16 autocast (max deviation from float32 reported).
 
 Geneformer's own perturber on this kind of 2-core CPU: 2.3 cells/s (V1-10M, batch 16) and
@@ -35,7 +35,7 @@ import torch
 import transformers
 
 import sc_dta as dta
-from sc_dta.tl._perturb_engine import PerturbSpec, run_perturbations
+from sc_dta.models._perturb_engine import PerturbSpec, run_perturbations
 
 DATA = Path(os.environ.get("SC_DTA_GENEFORMER_DATA", Path(__file__).resolve().parents[2] / "shared/data/geneformer"))
 CONFIGS = {

@@ -13,8 +13,8 @@ import scipy.sparse as sp
 torch = pytest.importorskip("torch")
 
 import sc_dta as dta  # noqa: E402
-from sc_dta.tl._expression_readout import run_expression_readout  # noqa: E402
-from sc_dta.tl._perturb_engine import PerturbSpec  # noqa: E402
+from sc_dta.models._expression_readout import run_expression_readout  # noqa: E402
+from sc_dta.models._perturb_engine import PerturbSpec  # noqa: E402
 
 N_OBS, N_GENES, N_FOLDS, SEED = 8, 14, 3, 4
 TF = "G3"

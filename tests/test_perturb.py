@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import sc_dta as dta  # noqa: E402
-from sc_dta.tl._perturb_engine import _batch_len  # noqa: E402
+from sc_dta.models._perturb_engine import _batch_len  # noqa: E402
 
 N_OBS, N_GENES = 24, 50
 # MuData's own deprecation notice when building a MuData
@@ -435,7 +435,7 @@ def test_perturb_tss_errors(tss_setup):
 
 
 def test_model_mode_restored_after_success_and_failure(tss_setup):
-    from sc_dta.tl._perturb_engine import PerturbSpec, run_perturbations
+    from sc_dta.models._perturb_engine import PerturbSpec, run_perturbations
 
     a, vocab, model, encoder, genome, expected = tss_setup
     tokens = dta.pp.tokenize(a, vocab=vocab)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _perturb_helpers import MiniVocab, make_adata, make_cells, make_model  # noqa: E402
 
 from sc_dta.models._forward import contextual_embeddings  # noqa: E402
-from sc_dta.tl._perturb_engine import PerturbSpec, run_perturbations  # noqa: E402
+from sc_dta.models._perturb_engine import PerturbSpec, run_perturbations  # noqa: E402
 
 MAX_LEN = 96
 
@@ -23,7 +23,7 @@ MAX_LEN = 96
 @pytest.fixture(autouse=True)
 def _mix_lengths(monkeypatch):
     """Let every batch mix very different lengths, so that padding leaks would show."""
-    import sc_dta.tl._perturb_engine as engine_module
+    import sc_dta.models._perturb_engine as engine_module
 
     monkeypatch.setattr(engine_module, "MIN_FILL", {"cpu": 0.0, "default": 0.0})
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from sc_dta._utils import get_anndata
-from sc_dta.tl._perturb_engine import KINDS, PerturbSpec, ShiftResult, run_perturbations
+from sc_dta.models._perturb_engine import KINDS, PerturbSpec, ShiftResult, run_perturbations
 
 if TYPE_CHECKING:
     import torch
@@ -483,7 +483,7 @@ class _Run:
         return run_perturbations(model, self.cells, specs, **self.specials, **kwargs)
 
     def expression(self, model: nn.Module, specs: list[PerturbSpec], **kwargs: Any) -> list[Any]:
-        from sc_dta.tl._expression_readout import run_expression_readout
+        from sc_dta.models._expression_readout import run_expression_readout
 
         sp = {k: v for k, v in self.specials.items() if k != "max_length"}
         return run_expression_readout(

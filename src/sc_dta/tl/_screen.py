@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from sc_dta._distributed import Distributed
 from sc_dta._utils import get_anndata
+from sc_dta.models._perturb_engine import KINDS, PerturbSpec, run_perturbations
 from sc_dta.tl._perturb import (
     _as_encoder,
     _as_model,
@@ -36,7 +38,6 @@ from sc_dta.tl._perturb import (
     _tokenize,
     _vocab_of,
 )
-from sc_dta.tl._perturb_engine import KINDS, PerturbSpec, run_perturbations
 
 if TYPE_CHECKING:
     import torch
@@ -301,60 +302,6 @@ def _combine(parts: list[dict[str, Any]], per_cell: bool) -> dict[str, np.ndarra
     return out
 
 
-# --------------------------------------------------------------------------------------------- processes
-
-
-class _Dist:
-    """The ``torch.distributed`` process group, if one is initialised with more than one process."""
-
-    def __init__(self) -> None:
-        try:
-            import torch.distributed as td
-
-            active = td.is_available() and td.is_initialized() and td.get_world_size() > 1
-        except ImportError:  # pragma: no cover - torch is a dependency
-            active = False
-        self.active = active
-        self.rank = td.get_rank() if active else 0
-        self.size = td.get_world_size() if active else 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, lengths: np.ndarray) -> np.ndarray:
-        """Return the positions this process evaluates: longest first, each to the least-loaded process."""
-        if not self.active:
-            return np.arange(len(lengths))
-        load = np.zeros(self.size, dtype=np.int64)
-        owner = np.empty(len(lengths), dtype=np.int64)
-        for i in np.argsort(-lengths, kind="stable"):
-            r = int(np.argmin(load))
-            owner[i] = r
-            load[r] += int(lengths[i])
-        return np.flatnonzero(owner == self.rank)
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        """Return every process's ``obj`` on the main process (None elsewhere)."""
-        if not self.active:
-            return [obj]
-        import torch.distributed as td
-
-        out = [None] * self.size if self.main else None
-        td.gather_object(obj, out, dst=0)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        """Return the main process's ``obj`` on every process."""
-        if not self.active:
-            return obj
-        import torch.distributed as td
-
-        box = [obj]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
-
 # --------------------------------------------------------------------------------------------- public
 
 
@@ -550,7 +497,7 @@ def screen(
         "var_names": hashlib.sha256(np.asarray(ad.var_names).astype(str).tobytes()).hexdigest(),
         "model": _model_info(model),
     }
-    dist = _Dist()
+    dist = Distributed()
     failure: Exception | None = None
     done: set[int] | None = None
     if dist.main:
@@ -732,7 +679,7 @@ def _evaluate(
         for i, res in zip(todo, results, strict=True):
             yield i, *_assemble(run.adata_like, res, run.rows, run.tok2col)
         return
-    from sc_dta.tl._expression_readout import run_expression_readout
+    from sc_dta.models._expression_readout import run_expression_readout
 
     sp = {k: v for k, v in run.specials.items() if k != "max_length"}
     by_gene: dict[int, list[int]] = {}

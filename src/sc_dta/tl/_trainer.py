@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sc_dta._utils import autocast
-from sc_dta.tl._padding import pad_tokens
+from sc_dta.models._padding import pad_tokens
 
 if TYPE_CHECKING:
     import torch

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sc_dta._settings import settings
-from sc_dta.tl._padding import pad_tokens
-from sc_dta.tl._perturb_engine import PerturbSpec, length_sorted_batches, perturb_tokens
+from sc_dta.models._padding import pad_tokens
+from sc_dta.models._perturb_engine import PerturbSpec, length_sorted_batches, perturb_tokens
 
 logger = logging.getLogger(__name__)
 

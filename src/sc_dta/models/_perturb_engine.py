@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sc_dta._settings import settings
-from sc_dta.tl._padding import pad_tokens
+from sc_dta.models._padding import pad_tokens
 
 if TYPE_CHECKING:
     import torch
