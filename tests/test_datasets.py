@@ -9,8 +9,7 @@ import hashlib
 import json
 import logging
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +17,10 @@ import pytest
 
 import sc_dta as dta
 from sc_dta.datasets import _fetch, _registry
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _loopback import LoopbackServer, online_environment
 
 HG38 = [f"chr{i}" for i in range(1, 23)] + ["chrX", "chrY", "chrM"]
 GENEFORMER_DICTS = {
@@ -34,74 +37,19 @@ GENEFORMER_DICTS = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Loopback server
+# Loopback server and helpers
 # --------------------------------------------------------------------------------------------------
-
-
-class LoopbackServer:
-    """Serve ``routes`` (URL path -> bytes, or (bytes, headers)) on 127.0.0.1 and record requests."""
-
-    def __init__(self, routes: dict | None = None) -> None:
-        self.routes: dict[str, object] = dict(routes or {})
-        self.requests: list[tuple[str, str]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _respond(self, body: bool) -> None:
-                path = self.path.split("?", 1)[0]
-                server.requests.append((self.command, path))
-                route = server.routes.get(path)
-                if route is None:
-                    self.send_error(404)
-                    return
-                content, headers = route if isinstance(route, tuple) else (route, {})
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(content)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if body:
-                    self.wfile.write(content)
-
-            def do_GET(self):
-                self._respond(body=True)
-
-            def do_HEAD(self):
-                self._respond(body=False)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.thread.join()
-            self.running = False
 
 
 @pytest.fixture
 def server():
-    s = LoopbackServer()
-    yield s
-    s.stop()
+    with LoopbackServer() as s:
+        yield s
 
 
 @pytest.fixture(autouse=True)
 def _online(monkeypatch):
-    """Tests start online with no mirror configured, whatever the calling environment says."""
-    for var in ("SC_DTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SC_DTA_DATA_URL"):
-        monkeypatch.delenv(var, raising=False)
-    # pooch waits 1 s, 2 s, 3 s between retries; the retries themselves are what we test.
-    import pooch.core
-
-    monkeypatch.setattr(pooch.core.time, "sleep", lambda _s: None)
+    online_environment(monkeypatch)
 
 
 def sha256(data: bytes) -> str:

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _loopback import LoopbackServer, online_environment
+
 import sc_dta as dta
 from sc_dta.datasets import _known_targets, _registry
+
+sys.path.insert(0, str(Path(__file__).parent))
+
 
 # (source, target, weight, resources, references, sign_decision), as in Zenodo's CollecTRI_regulons.csv.
 COLLECTRI_ROWS = [
@@ -68,58 +75,15 @@ def triples(frame: pd.DataFrame) -> list[tuple[str, str, float]]:
 # --------------------------------------------------------------------------------------------------
 
 
-class LoopbackServer:
-    """Serve ``routes`` (URL path -> bytes) on 127.0.0.1 and record each request's path and query."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                content = server.routes.get(self.path.split("?", 1)[0])
-                if content is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.thread.join()
-            self.running = False
-
-
 @pytest.fixture
 def server():
-    s = LoopbackServer()
-    yield s
-    s.stop()
+    with LoopbackServer() as s:
+        yield s
 
 
 @pytest.fixture(autouse=True)
 def _online(monkeypatch):
-    """Tests start online with no mirror configured, and pooch does not wait between retries."""
-    for var in ("SC_DTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SC_DTA_DATA_URL"):
-        monkeypatch.delenv(var, raising=False)
-    import pooch.core
-
-    monkeypatch.setattr(pooch.core.time, "sleep", lambda _s: None)
+    online_environment(monkeypatch)
 
 
 def override_entry(monkeypatch, name: str, url: str, sha: str | None) -> dict:
@@ -183,7 +147,7 @@ def test_whole_network_is_parsed_from_the_download(zenodo):
     assert net.index.tolist() == list(range(len(COLLECTRI_ROWS)))
     assert net.loc[0, "references"] == "CollecTRI:10022128;CollecTRI:10491298"
     assert net.loc[0, "resources"] == "CollecTRI_ExTRI;CollecTRI_HTRI"
-    assert zenodo.requests == [ZENODO_PATH + "?download=1"]
+    assert zenodo.paths == [ZENODO_PATH + "?download=1"]
     cached = dta.settings.cache_dir / "data" / FILENAME
     assert cached.read_bytes() == collectri_bytes()
 
@@ -260,7 +224,7 @@ def test_cached_file_is_reused_without_a_request(zenodo):
     zenodo.stop()
     second = dta.datasets.known_targets("GATA4")
     assert triples(second) == expected("GATA4")
-    assert len(zenodo.requests) == 1
+    assert len(zenodo.paths) == 1
 
 
 def test_wrong_hash_is_refused_and_nothing_is_cached(server, monkeypatch):
@@ -279,11 +243,11 @@ def test_offline_mode(zenodo, monkeypatch, var):
         dta.datasets.known_targets("GATA4")
     message = str(err.value)
     assert "collectri_human" in message and "prefetch" in message and "path=" in message and var in message
-    assert zenodo.requests == []
+    assert zenodo.paths == []
 
     monkeypatch.delenv(var)
     dta.datasets.prefetch("collectri_human")
-    assert len(zenodo.requests) == 1
+    assert len(zenodo.paths) == 1
     monkeypatch.setenv(var, "1")
     zenodo.stop()
     assert triples(dta.datasets.known_targets("TBX5")) == expected("TBX5")
@@ -295,7 +259,7 @@ def test_mirror_from_environment(server, monkeypatch):
     server.routes["/mirror/" + FILENAME] = data
     monkeypatch.setenv("SC_DTA_DATA_URL", server.url + "/mirror")
     assert triples(dta.datasets.known_targets("GATA4")) == expected("GATA4")
-    assert server.requests == ["/mirror/" + FILENAME]
+    assert server.paths == ["/mirror/" + FILENAME]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +342,7 @@ def test_omnipath_mouse_table(server, monkeypatch):
         ("Jun_Fos", "Mmp1a", 1.0),
     ]
     assert list(net.columns) == ["source", "target", "weight", "references"]
-    assert server.requests == [query]
+    assert server.paths == [query]
     # Human-style capitals find the mouse symbols.
     assert triples(dta.datasets.known_targets("GATA4", organism="mouse", sign="repressing")) == [
         ("Gata4", "Cyp17a1", -1.0)
