@@ -21,8 +21,6 @@ from _loopback import LoopbackServer, online_environment
 import sc_dta as dta
 from sc_dta.datasets import _known_targets, _registry
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 # (source, target, weight, resources, references, sign_decision), as in Zenodo's CollecTRI_regulons.csv.
 COLLECTRI_ROWS = [
