@@ -21,7 +21,6 @@ from _loopback import LoopbackServer, online_environment
 import sc_dta as dta
 from sc_dta.datasets import _known_targets, _registry
 
-
 # (source, target, weight, resources, references, sign_decision), as in Zenodo's CollecTRI_regulons.csv.
 COLLECTRI_ROWS = [
     ("MYC", "TERT", 1, "CollecTRI_ExTRI;CollecTRI_HTRI", "CollecTRI:10022128;CollecTRI:10491298", "PMID"),
