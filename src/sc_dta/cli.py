@@ -8,10 +8,11 @@ with status 2 and a one-line message; ``--debug`` shows the full traceback inste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,13 +79,19 @@ def read_h5ad(path: str | os.PathLike) -> AnnData:
         raise CLIError(f"cannot read {str(p)!r} as an .h5ad file ({type(e).__name__}: {_message(e)}).") from e
 
 
-def write_h5ad(adata: AnnData, path: str | os.PathLike) -> Path:
-    """Write ``adata`` atomically (temporary file, then rename) so a failure never leaves half a file."""
+def _check_output(path: str | os.PathLike) -> Path:
+    """Return the output ``.h5ad`` path, or raise :class:`CLIError` before any work if it cannot be written."""
     p = Path(path).expanduser()
     if p.suffix != ".h5ad":
         raise CLIError(f"output file {str(p)!r} must end in .h5ad.")
     if not p.parent.exists():
         raise CLIError(f"output directory {str(p.parent)!r} does not exist.")
+    return p
+
+
+def write_h5ad(adata: AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` atomically (temporary file, then rename) so a failure never leaves half a file."""
+    p = _check_output(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.h5ad")
     try:
         adata.write_h5ad(tmp)
@@ -330,6 +337,223 @@ def cmd_perturb_gene(args: argparse.Namespace) -> int:
     return 0
 
 
+#: File names read as VCF by ``sc-dta screen --perturbations`` (anything else is a CSV/TSV table).
+VCF_SUFFIXES = (".vcf", ".vcf.gz", ".vcf.bgz")
+#: Perturbations that need no DNA (every other one is a TSS mutation through the encoder and adapter).
+_TOKEN_PERTURBATIONS = ("delete", "overexpress")
+
+
+def _read_perturbations(
+    path: str | os.PathLike, *, gene_column: str, perturbation_column: str, sample: str | None
+) -> list[Any]:
+    """Read ``--perturbations``: VCF records, or ``(gene, perturbation)`` rows of a CSV/TSV table.
+
+    A table's separator is a tab when its header line holds one, else a comma; ``#`` starts a comment. Several
+    mutations in one cell separated by ``;`` are applied together (as ``screen`` writes them to ``obs``).
+    """
+    import pandas as pd
+
+    from .genome import read_vcf
+
+    p = _existing_file(path, "perturbations file")
+    if p.name.lower().endswith(VCF_SUFFIXES):
+        variants = read_vcf(p, sample=sample)
+        if not variants:
+            raise CLIError(
+                f"perturbations file {str(p)!r} holds no variants" + (f" for sample {sample!r}." if sample else ".")
+            )
+        return variants
+    if sample is not None:
+        raise CLIError(f"--sample {sample!r} is for a VCF file; {str(p)!r} is read as a CSV/TSV table.")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            header = next((line for line in fh if line.strip() and not line.lstrip().startswith("#")), "")
+        table = pd.read_csv(
+            p, sep="\t" if "\t" in header else ",", dtype=str, comment="#", keep_default_na=False, skipinitialspace=True
+        )
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise CLIError(
+            f"cannot read perturbations file {str(p)!r} as CSV/TSV ({type(e).__name__}: {_message(e)})."
+        ) from e
+    table.columns = [str(c).strip() for c in table.columns]
+    for column, option in ((gene_column, "--gene-column"), (perturbation_column, "--perturbation-column")):
+        if column not in table.columns:
+            raise CLIError(
+                f"perturbations file {str(p)!r} has no column {column!r} (columns: {', '.join(table.columns)}); "
+                f"name it with {option}."
+            )
+    rows: list[tuple[str, Any]] = []
+    for line, (gene, perturbation) in enumerate(zip(table[gene_column], table[perturbation_column], strict=True)):
+        gene, perturbation = gene.strip(), perturbation.strip()
+        if not gene or not perturbation:
+            raise CLIError(f"perturbations file {str(p)!r}: data row {line + 1} has an empty gene or perturbation.")
+        parts = [m.strip() for m in perturbation.split(";") if m.strip()]
+        rows.append((gene, parts[0] if len(parts) == 1 else parts))
+    if not rows:
+        raise CLIError(f"perturbations file {str(p)!r} holds no rows.")
+    return rows
+
+
+def _needs_dna(perturbations: Sequence[Any]) -> Any:
+    """Return the first perturbation that goes through the DNA encoder (a TSS mutation or VCF record), or None."""
+    for item in perturbations:
+        if not isinstance(item, tuple) or item[1] not in _TOKEN_PERTURBATIONS:
+            return item
+    return None
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        if default is None:
+            raise CLIError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but {name} is not set; launch with torchrun.")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise CLIError(f"environment variable {name}={value!r} is not an integer.") from None
+
+
+def _world() -> tuple[int, int, int]:
+    """``(world size, rank, local rank)`` from the environment ``torchrun`` sets (``(1, 0, 0)`` without it)."""
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return 1, 0, 0
+    return size, _env_int("RANK"), _env_int("LOCAL_RANK", 0)
+
+
+class _Process:
+    """One process of a ``torchrun`` launch: its rank, the world size and the compute device it uses."""
+
+    def __init__(self, size: int, rank: int, device: str | None) -> None:
+        self.size, self.rank, self.device = size, rank, device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _process_device(device: str | None, local_rank: int) -> tuple[str, str]:
+    """Return the ``(backend, device)`` of one process of a group: NCCL on ``cuda:LOCAL_RANK``, else gloo."""
+    import torch
+
+    from ._utils import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.type != "cuda":
+        return "gloo", str(resolved)
+    if resolved.index is not None and resolved.index != local_rank:
+        raise CLIError(
+            f"--device {device!r}: under torchrun each process uses cuda:LOCAL_RANK (here cuda:{local_rank}); "
+            "give --device cuda or leave it out."
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise CLIError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return "nccl", f"cuda:{local_rank}"
+
+
+@contextlib.contextmanager
+def _process_group(device: str | None) -> Iterator[_Process]:
+    """Initialise the ``torch.distributed`` group of a ``torchrun`` launch (WORLD_SIZE > 1) and destroy it after.
+
+    NCCL when the device is CUDA (each process on ``cuda:LOCAL_RANK``), else gloo. Only rank 0 logs below
+    ERROR and draws progress bars. A group initialised by the caller is used as it is and left alone.
+    """
+    size, rank, local_rank = _world()
+    if size <= 1:
+        yield _Process(1, 0, device)
+        return
+    import torch
+    import torch.distributed as dist
+
+    from ._settings import settings
+
+    if not dist.is_available():
+        raise CLIError(f"WORLD_SIZE={size} but this torch build has no torch.distributed.")
+    own = not dist.is_initialized()
+    backend, device = _process_device(device, local_rank)
+    if own:
+        try:
+            if backend == "nccl":
+                torch.cuda.set_device(torch.device(device))
+                dist.init_process_group("nccl", device_id=torch.device(device))
+            else:
+                dist.init_process_group("gloo")
+        except (RuntimeError, ValueError) as e:
+            raise CLIError(f"cannot initialise the {backend} process group ({type(e).__name__}: {_message(e)}).") from e
+    log = logging.getLogger("sc_dta")
+    level, progress = log.level, settings.progress
+    if rank != 0:
+        log.setLevel(logging.ERROR)
+        settings.progress = False
+    try:
+        logger.info("process group: %s, %d processes, rank %d on %s", backend, size, rank, device)
+        yield _Process(size, rank, device)
+    finally:
+        log.setLevel(level)
+        settings.progress = progress
+        if own and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    """Run :func:`sc_dta.tl.screen`; under ``torchrun`` the cells are sharded over the processes."""
+    from .genome import Genome
+    from .tl import screen
+
+    out = _check_output(args.output)
+    perturbations = _read_perturbations(
+        args.perturbations,
+        gene_column=args.gene_column,
+        perturbation_column=args.perturbation_column,
+        sample=args.sample,
+    )
+    dna = _needs_dna(perturbations)
+    if dna is not None and not args.genome:
+        what = f"the VCF record {dna}" if not isinstance(dna, tuple) else f"the TSS mutation {dna[1]!r} of {dna[0]!r}"
+        raise CLIError(f"{what} needs --genome FASTA (and the --encoder used by embed-dna).")
+    fastas = [_existing_file(f, "FASTA file") for f in args.genome or []]
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).expanduser().is_file():
+        raise CLIError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file, expected a directory.")
+    adata = read_h5ad(args.input)
+    cells = _parse_cells(adata, args.cells)
+    _set_device(args)
+    genome = encoder = None
+    if dna is not None:
+        from ._demo import make_encoder
+
+        genome = Genome(fastas if len(fastas) > 1 else fastas[0])
+        encoder = make_encoder(args.encoder, window=args.window, k=args.k, seed=args.seed, revision=args.revision)
+    with _process_group(args.device) as proc:
+        model = _load_model(args.model, device=proc.device)
+        result = screen(
+            adata,
+            perturbations,
+            model=model,
+            genome=genome,
+            encoder=encoder,
+            layer=args.layer,
+            cells=cells,
+            groupby=args.groupby,
+            readout=args.readout,
+            per_cell=args.per_cell,
+            checkpoint_dir=args.checkpoint_dir,
+            batch_size=args.batch_size,
+            device=proc.device,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
+        if proc.main:
+            n_cells = int(result.obs["n_cells"].max()) if result.n_obs else 0
+            print(
+                f"screened {result.n_obs} perturbations × {result.n_vars} genes (up to {n_cells} cells each"
+                + (f", {proc.size} processes)" if proc.size > 1 else ")"),
+                file=sys.stderr,
+            )
+            write_h5ad(result, out)
+    return 0
+
+
 def _gene_symbols(value: str | None) -> str | None:
     """``--gene-symbols``: a var column, ``auto`` (detect one) or ``none`` (var names only)."""
     if value is None or value.strip().lower() in {"none", "off", "false", ""}:
@@ -469,14 +693,14 @@ _nonneg_int = _bounded(int, 0, strict=False, what="a non-negative integer")
 _positive_float = _bounded(float, 0.0, strict=True, what="a positive number")
 
 
-def _add_io(p: argparse.ArgumentParser, *, output_required: bool = False) -> None:
+def _add_io(p: argparse.ArgumentParser, *, output_required: bool = False, output_help: str = "output file") -> None:
     p.add_argument("input", help="input .h5ad file")
     p.add_argument(
         "-o",
         "--output",
         required=output_required,
         default=None,
-        help="output .h5ad file (default: overwrite the input)" if not output_required else "output file",
+        help="output .h5ad file (default: overwrite the input)" if not output_required else output_help,
     )
 
 
@@ -689,6 +913,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_readout(p)
     _add_device(p)
+    # screen
+    p = add(
+        "screen",
+        cmd_screen,
+        "run many perturbations of many genes in one pass (a perturbations × genes .h5ad)",
+        "Run every perturbation of a table or VCF on the cells (sc_dta.tl.screen) and write a perturbations × "
+        "genes AnnData: X the mean shift over the evaluated cells, obs gene/perturbation/n_cells, layers n and, "
+        "with --groupby, mean_GROUP. Each cell is tokenized once and its unperturbed forward is shared. "
+        "--perturbations is a CSV/TSV with columns gene and perturbation ('delete', 'overexpress' or a mutation "
+        "spec as for perturb-tss; several mutations joined by ';' are applied together), or a VCF (.vcf, "
+        ".vcf.gz) whose records each become one row per gene whose TSS window contains them. Under torchrun "
+        "(`torchrun --nproc-per-node N -m sc_dta screen ...`) the cells are sharded over the processes (NCCL on "
+        "cuda:LOCAL_RANK, else gloo) and rank 0 writes the result.",
+    )
+    _add_io(p, output_required=True, output_help="result .h5ad file (perturbations × genes); the input is not changed")
+    p.add_argument("--model", required=True, help="BioDTA directory or Geneformer checkpoint (name or path)")
+    p.add_argument("--perturbations", required=True, help="CSV/TSV table (gene, perturbation) or a VCF file")
+    p.add_argument("--gene-column", default="gene", help="column of the table with the genes (Ensembl id or symbol)")
+    p.add_argument("--perturbation-column", default="perturbation", help="column of the table with the perturbations")
+    p.add_argument("--sample", default=None, help="VCF sample: only the alternative alleles it carries")
+    p.add_argument("--genome", nargs="+", default=None, help="genome FASTA file(s), needed for TSS mutations and VCFs")
+    p.add_argument("--cells", default=None, help="only cells with OBS_KEY=VALUE[,VALUE]")
+    p.add_argument("--groupby", default=None, help="obs column: also the mean shift within each of its groups")
+    p.add_argument(
+        "--per-cell",
+        action="store_true",
+        help="also store each cell's shifts (obsm['cell_shift'], uns['per_cell']); grows with the perturbations",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="directory for finished perturbations; rerunning the same command skips those done",
+    )
+    p.add_argument(
+        "--chunk-size", type=_positive_int, default=32, help="perturbations evaluated together (share one forward)"
+    )
+    _add_readout(p)
+    _add_encoder(p)
+    _add_device(p)
 
     # rank
     p = add(
@@ -791,6 +1054,15 @@ def _silence_stdout() -> None:
         pass
 
 
+def _rank_tag() -> str:
+    """`` (rank N)`` in the messages of the processes other than rank 0 of a ``torchrun`` launch, else ``""``."""
+    try:
+        size, rank, _ = _world()
+    except CLIError:
+        return ""
+    return f" (rank {rank})" if size > 1 and rank != 0 else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sc-dta`` console script; returns the exit status."""
     parser = build_parser()
@@ -818,10 +1090,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, *USER_ERRORS) as e:
         if debug:
             raise
-        print(f"{PROG} {args.command}: error: {_message(e)}", file=sys.stderr)
+        print(f"{PROG} {args.command}{_rank_tag()}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{PROG} {args.command}{_rank_tag()}: interrupted", file=sys.stderr)
         return 130
 
 
