@@ -169,6 +169,11 @@ def test_cli_screen_vcf_and_expression_readout(files):
     _assert_same(got, want)
     assert GENE in set(got.obs["gene"]) and set(got.obs["kind"]) == {"tss_mutation"}
     assert got.uns["screen"]["params"]["readout"] == "expression"
+    # a VCF is recognised by its first line whatever its name
+    renamed = files["d"] / "variants.txt"
+    renamed.write_text(files["vcf"].read_text())
+    assert main([*_screen_args(files, files["d"] / "txt.h5ad"), "--perturbations", str(renamed)]) == 0
+    _assert_same(ad.read_h5ad(files["d"] / "txt.h5ad"), want)
 
 
 def test_cli_screen_gene_column_and_no_genome(files, tmp_path):

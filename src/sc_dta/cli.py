@@ -337,7 +337,7 @@ def cmd_perturb_gene(args: argparse.Namespace) -> int:
     return 0
 
 
-#: File names read as VCF by ``sc-dta screen --perturbations`` (anything else is a CSV/TSV table).
+#: File names read as VCF by ``sc-dta screen --perturbations`` (as is a file starting ``##fileformat=VCF``).
 VCF_SUFFIXES = (".vcf", ".vcf.gz", ".vcf.bgz")
 #: Perturbations that need no DNA (every other one is a TSS mutation through the encoder and adapter).
 _TOKEN_PERTURBATIONS = ("delete", "overexpress")
@@ -356,7 +356,9 @@ def _read_perturbations(
     from .genome import read_vcf
 
     p = _existing_file(path, "perturbations file")
-    if p.name.lower().endswith(VCF_SUFFIXES):
+    with open(p, "rb") as fh:
+        start = fh.read(16)
+    if p.name.lower().endswith(VCF_SUFFIXES) or start.startswith(b"##fileformat=VCF"):
         variants = read_vcf(p, sample=sample)
         if not variants:
             raise CLIError(
