@@ -7,7 +7,8 @@ prefix plus a hash of everything that changes the numbers: encoder name, weights
 compute precision, so bf16 GPU and float32 CPU results are kept apart). A ``meta.json`` next to the shards
 describes the encoder. Files are written to a temporary name in the same directory and renamed into place
 (``os.replace``), so concurrent processes can share a cache: readers never see partial files, and two writers of
-the same window write identical bytes. Unreadable entries count as misses and are recomputed.
+the same window write identical bytes (under :mod:`torch.distributed`, :func:`embed_windows` has each process
+write only the windows it computed). Unreadable entries count as misses and are recomputed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sc_dta._utils import progress
 if TYPE_CHECKING:
     import torch
 
+    from sc_dta._distributed import Distributed
     from sc_dta.genome import Genome
     from sc_dta.models.dna import DNAEncoder
 
@@ -189,6 +191,7 @@ def embed_windows(
     cache: bool = True,
     show_progress: bool = True,
     desc: str | None = None,
+    dist: Distributed | None = None,
 ) -> np.ndarray:
     """Embed window sequences with ``encoder``, using the on-disk cache.
 
@@ -208,9 +211,14 @@ def embed_windows(
     cache
         Read and write the cache under ``settings.cache_dir / "dna_embeddings"``.
     show_progress
-        Show a progress bar over batches (also subject to ``settings.progress``).
+        Show a progress bar over batches (also subject to ``settings.progress``; only on the main process).
     desc
         Progress-bar label.
+    dist
+        A :class:`sc_dta._distributed.Distributed` process group to share the work with: every process passes the
+        same ``sequences``; the main process looks them up in the cache, the batches to compute are dealt out in
+        turn (each process embeds and caches its own), and every process returns the whole result, equal to one
+        process's (the batches are the ones one process would run). None (default): this process alone.
 
     Returns
     -------
@@ -223,44 +231,93 @@ def embed_windows(
     batch_size = settings.batch_size_dna if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    dim = int(encoder.dim)
     keys = [sequence_key(s) for s in sequences]
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
+    shared = dist is not None and dist.active
+    if shared:
+        dist.check_same((keys, batch_size, bool(cache)), "DNA windows to embed")
     store = DNAEmbeddingCache(encoder, device=device) if cache else None
-    found = store.get_many(first) if store is not None else {}
-    missing = [key for key in first if key not in found]
+    main = not shared or dist.main
+    # Only the main process reads the cache: the others may not share its file system, and a process that has
+    # already written its batches must not change what another one finds.
+    found = store.get_many(first) if store is not None and main else {}
+    missing = [key for key in first if key not in found] if main else None
+    if shared:
+        missing = dist.broadcast(missing)
     logger.info(
         "embed_windows(%s): %d windows, %d unique, %d cached, %d to compute",
         encoder.name,
         len(sequences),
         len(first),
-        len(found),
+        len(first) - len(missing),
         len(missing),
     )
-    if missing:
-        starts = range(0, len(missing), batch_size)
-        label = desc or f"Embedding {len(missing)} DNA windows ({encoder.name})"
-        batches = progress(starts, total=len(starts), desc=label, unit="batch") if show_progress else starts
-        for start in batches:
-            batch = missing[start : start + batch_size]
-            values = np.asarray(
-                encoder.embed([sequences[first[k]] for k in batch], batch_size=batch_size, device=device),
-                dtype=np.float32,
-            )
-            if values.shape != (len(batch), dim):
-                raise ValueError(
-                    f"encoder {encoder.name!r} returned shape {values.shape}, expected ({len(batch)}, {dim})."
-                )
-            if store is not None:
-                try:
-                    store.put_many(batch, values)
-                except OSError as e:  # the cache is an optimisation: a read-only or full cache must not lose work
-                    logger.warning("DNA embedding cache not writable (%s); continuing without it.", e)
-                    store = None
+    batches = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
+    if shared:
+        batches = batches[dist.rank :: dist.size]
+    show = show_progress and main and bool(batches)
+    label = desc or f"Embedding {len(missing)} DNA windows ({encoder.name})"
+    bar = progress(batches, total=len(batches), desc=label, unit="batch") if show else batches
+    if not shared:
+        for batch in bar:
+            values, store = _embed_batch(batch, sequences, first, encoder, batch_size, device, store)
             found.update(zip(batch, values, strict=True))
-    out = np.empty((len(sequences), dim), dtype=np.float32)
+        return _assemble(keys, found, int(encoder.dim))
+
+    computed: dict[str, np.ndarray] = {}
+    failure: BaseException | None = None
+    try:
+        for batch in bar:
+            values, store = _embed_batch(batch, sequences, first, encoder, batch_size, device, store)
+            computed.update(zip(batch, values, strict=True))
+    except Exception as e:  # every process must reach the gather below, or the others wait forever
+        failure = e
+    parts = dist.gather((computed, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    result = None
+    if dist.main:
+        errors = [(r, err) for r, (_, err) in enumerate(parts) if err is not None]
+        if errors:
+            result = (None, errors)
+        else:
+            for part, _ in parts:
+                found.update(part)
+            result = (_assemble(keys, found, int(encoder.dim)), [])
+    out, errors = dist.broadcast(result)
+    if errors:
+        rank, err = errors[0]
+        raise RuntimeError(f"embed_windows: process {rank} of {dist.size} failed: {err}") from failure
+    return out
+
+
+def _embed_batch(
+    batch: list[str],
+    sequences: list[str],
+    first: dict[str, int],
+    encoder: DNAEncoder,
+    batch_size: int,
+    device: str | torch.device | None,
+    store: DNAEmbeddingCache | None,
+) -> tuple[np.ndarray, DNAEmbeddingCache | None]:
+    """Embed the windows of ``batch`` (sequence keys) and cache them; returns the values and the cache still usable."""
+    dim = int(encoder.dim)
+    values = np.asarray(
+        encoder.embed([sequences[first[k]] for k in batch], batch_size=batch_size, device=device), dtype=np.float32
+    )
+    if values.shape != (len(batch), dim):
+        raise ValueError(f"encoder {encoder.name!r} returned shape {values.shape}, expected ({len(batch)}, {dim}).")
+    if store is not None:
+        try:
+            store.put_many(batch, values)
+        except OSError as e:  # the cache is an optimisation: a read-only or full cache must not lose work
+            logger.warning("DNA embedding cache not writable (%s); continuing without it.", e)
+            store = None
+    return values, store
+
+
+def _assemble(keys: list[str], found: dict[str, np.ndarray], dim: int) -> np.ndarray:
+    out = np.empty((len(keys), dim), dtype=np.float32)
     for i, key in enumerate(keys):
         out[i] = found[key]
     return out

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from sc_dta._distributed import Distributed
 from sc_dta._settings import settings
 from sc_dta._utils import get_anndata, progress
 
-from ._dna_cache import embed_windows, encoder_description, tss_window
+from ._dna_cache import embed_windows, encoder_description, encoder_key, tss_window
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +122,16 @@ def embed_dna(
     :class:`~sc_dta.tl._dna_cache.DNAEmbeddingCache`), so re-runs and later perturbations never recompute a window
     already embedded with the same encoder.
 
+    Distributed: under an initialised :mod:`torch.distributed` process group of more than one process (NCCL on
+    GPUs, gloo on CPUs; e.g. ``torchrun``), every process must call :func:`embed_dna` with the same arguments on
+    its own copy of the same AnnData (a mismatch is a ValueError on every process). The windows to compute are
+    shared out: the main process looks every window up in the cache, and the batches of ``batch_size`` windows
+    not cached are dealt out to the processes in turn (all windows have the same length, so equal counts); each
+    process embeds its batches and writes only those to the cache (atomic renames, so a shared cache directory is
+    safe). The embeddings are gathered and every process gets the same ``adata.varm[key_added]`` and
+    ``adata.uns[key_added]`` as one process would (the same batches are run, so the numbers are identical). Only
+    the main process draws progress bars. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``).
+
     Parameters
     ----------
     adata
@@ -189,6 +200,14 @@ def embed_dna(
 
     batch_size = settings.batch_size_dna if batch_size is None else batch_size
     chunk = max(batch_size, _MIN_CHUNK)
+    dist = Distributed()
+    if dist.active:
+        # every process builds the same windows, chunk by chunk; embed_windows deals out the batches to compute
+        dist.check_same(
+            (list(ad.var_names[rows]), list(chroms), positions.tolist(), list(strands), encoder_key(encoder, device)),
+            "genes, TSS positions or DNA encoder",
+        )
+        logger.info("embed_dna: process %d of %d shares the windows to compute", dist.rank, dist.size)
     emb = np.full((ad.n_vars, int(encoder.dim)), np.nan, dtype=np.float32)
     pending: list[int] = []
     windows: list[str] = []
@@ -196,20 +215,21 @@ def embed_dna(
     def flush() -> None:
         if pending:
             emb[rows[pending]] = embed_windows(
-                windows, encoder, batch_size=batch_size, device=device, cache=cache, show_progress=False
+                windows, encoder, batch_size=batch_size, device=device, cache=cache, show_progress=False, dist=dist
             )
             pending.clear()
             windows.clear()
 
     desc = f"embed_dna ({encoder.name}, {encoder.window} bp)"
-    for i in progress(range(len(rows)), total=len(rows), desc=desc, unit="gene"):
+    genes = progress(range(len(rows)), total=len(rows), desc=desc, unit="gene") if dist.main else range(len(rows))
+    for i in genes:
         windows.append(tss_window(genome, chroms[i], int(positions[i]), strands[i], encoder))
         pending.append(i)
         if len(pending) >= chunk:
             flush()
     flush()
 
-    params = _params(encoder, genome, device, n_embedded=len(rows))
+    params = dist.broadcast(_params(encoder, genome, device, n_embedded=len(rows)))  # one date on every process
     ad.varm[key_added] = emb
     ad.uns[key_added] = {"params": params}
     logger.info(

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from sc_dta._distributed import Distributed
 from sc_dta._settings import settings
-from sc_dta._utils import get_anndata, progress, resolve_device
+from sc_dta._utils import get_anndata, resolve_device
 from sc_dta.tl import _checkpoint as ckpt_io
 from sc_dta.tl._trainer import (
     Masker,
@@ -112,6 +113,21 @@ def train_adapter(
     context whose visible genes are drawn at random from the gene frequencies. A gain near 0 means the model
     predicts genes from their frequency alone, so perturbations can only return noise: a warning says so.
 
+    Distributed: under an initialised :mod:`torch.distributed` process group of more than one process (NCCL on
+    GPUs, gloo on CPUs; e.g. ``torchrun``), every process must call :func:`train_adapter` with the same arguments on
+    its own copy of the same data and model (a mismatch is a ValueError on every process). The model is trained in
+    :class:`~torch.nn.parallel.DistributedDataParallel` (``device_ids`` on CUDA): every process draws the same global
+    batches and masks from ``seed`` and computes the loss of its own slice of each batch, so ``batch_size`` stays the
+    *global* batch and the averaged gradient equals one process's gradient of that batch (the masked-gene losses are
+    summed and divided by the global number of masked genes). The held-out loss and the context gain are evaluated on
+    shares of the held-out batches and summed, so every process sees the same numbers and takes the same
+    early-stopping and best-weights decisions. With dropout, each process draws its own dropout masks (seeded by
+    ``seed``, its rank and the step), so the run equals one process in distribution, not in every digit; without
+    dropout the loss curve equals one process's up to float summation order. Checkpoints and the final model in
+    ``output_dir`` are written by the main process only (``resume`` reads them there and hands them to the others);
+    every process returns the same trained model and writes the same ``adata.uns[key_added]``. Only the main process
+    draws the progress bar. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``).
+
     Parameters
     ----------
     adata
@@ -128,7 +144,8 @@ def train_adapter(
         Passes over the training cells; default :func:`default_epochs` (about 100,000 cell passes, 5 to 100
         epochs), cut short by ``early_stopping``.
     batch_size
-        Cells per micro-batch; default ``dta.settings.batch_size_cells``.
+        Cells per micro-batch (of all processes together under :mod:`torch.distributed`); default
+        ``dta.settings.batch_size_cells``.
     lr
         Peak learning rate.
     mask_prob
@@ -180,6 +197,7 @@ def train_adapter(
     ``val_loss``, ``best_epoch``, ``context_gain``, ``loss_real_context``, ``loss_shuffled_context``.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from sc_dta.models.biodta import BioDTA
 
@@ -224,9 +242,21 @@ def train_adapter(
         epochs = default_epochs(train_cells.size)
 
     dev = resolve_device(device)
+    dist = Distributed()
     out = Path(output_dir).expanduser() if output_dir is not None else None
     ckpt = out / ckpt_io.CHECKPOINT_DIR if out is not None else None
-    state = ckpt_io.read_state(ckpt) if resume else None
+    if dist.active:
+        flat = np.concatenate(seqs) if seqs else np.empty(0, dtype=np.int64)
+        dist.check_same(
+            (flat.tobytes(), lengths.tobytes(), train_cells.tobytes(), val_cells.tobytes(), dna_rows.tobytes(),
+             dna_token_ids.tobytes(), int(epochs), int(batch_size), int(accumulation_steps), float(lr), int(seed)),
+            "cells, tokens, DNA embeddings or training settings",
+        )  # fmt: skip
+        logger.info(
+            "train_adapter: process %d of %d, DistributedDataParallel (%s).", dist.rank, dist.size, dist.backend
+        )
+    # the main process reads the checkpoint (the others may not share its file system) and hands it to all
+    state = dist.broadcast(ckpt_io.read_state(ckpt) if resume and dist.main else None)
     if resume and state is None:
         logger.warning("resume=True but %s holds no checkpoint: training from the start.", ckpt)
 
@@ -297,7 +327,8 @@ def train_adapter(
         val_batches = masked_batches(seqs, lengths, val_cells, batch_size, held_out_masker, seed)
 
         progress_state = Progress()
-        if state is not None:
+        if state is not None and (dist.main or (ckpt / ckpt_io.MODEL_DIR).is_dir()):
+            # without the folder, a process gets the main process's weights when DDP is built (in the Trainer)
             ckpt_io.load_checkpoint_weights(bio, ckpt / ckpt_io.MODEL_DIR)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -315,6 +346,8 @@ def train_adapter(
 
         def save_checkpoint(done: Progress, rng: dict) -> None:
             bio.loss_history = prior_history + done.history
+            if not dist.main:  # every process holds the same state: the main process writes it
+                return
             payload = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -351,8 +384,10 @@ def train_adapter(
             min_epochs=math.ceil(MIN_EPOCH_FRACTION * epochs),
             checkpoint=save_checkpoint if ckpt is not None else None,
             stop_after_steps=_stop_after_steps,
+            dist=dist,
         )
-        bar = progress(total=total_steps, initial=progress_state.step, desc="train_adapter", unit="step")
+        show = settings.progress and dist.main
+        bar = tqdm(total=total_steps, initial=progress_state.step, desc="train_adapter", unit="step", disable=not show)
         t0 = time.perf_counter()
         try:
             progress_state = trainer.fit(progress_state, bar)
@@ -364,6 +399,7 @@ def train_adapter(
             raise
         finally:
             bar.close()
+            trainer.ddp = None  # releases DistributedDataParallel's hooks on the parameters
             bio.eval()
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
@@ -373,14 +409,15 @@ def train_adapter(
             logger.info("Trained on %d tokens in %.1f s (%.0f tokens/s).", n_tokens, elapsed, n_tokens / elapsed)
         if best["weights"] is not None:
             ckpt_io.restore_weights(bio, best["weights"])
-        diagnostics = _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed)
+        diagnostics = _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed, dist)
 
     if used_max_length != vocab.max_length:
         bio.vocab = copy.copy(bio.vocab)
         bio.vocab.max_length = int(used_max_length)
     bio.loss_history = prior_history + history
-    if out is not None:
+    if out is not None and dist.main:
         bio.save_pretrained(out / ckpt_io.MODEL_DIR)
+    dist.barrier()  # the saved model exists when train_adapter returns, on every process
     train_records = [h for h in history if "loss" in h]
     val_records = [h for h in history if "val_loss" in h]
     params_out = {
@@ -490,8 +527,8 @@ def _training_inputs(
     )
 
 
-def _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed) -> dict[str, float]:
-    """Context gain on the held-out cells (NaN without them); warns when the model ignores context."""
+def _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed, dist=None) -> dict[str, float]:
+    """Context gain on the held-out cells (NaN without them); warns (on the main process) when it is near 0."""
     nan = float("nan")
     if not val_batches:
         logger.info("No held-out cells (val_fraction=0): the context gain is not measured.")
@@ -499,14 +536,14 @@ def _diagnostics(bio, val_batches, seqs, train_cells, gene_ids, vocab, dev, seed
     train_tokens = np.concatenate([seqs[c] for c in train_cells])
     freq = np.bincount(train_tokens, minlength=len(vocab)).astype(np.float64)[gene_ids] + 1e-3
     shuffled = shuffled_context(val_batches, gene_ids, freq, seed)
-    gain, real, fake = context_gain(bio, val_batches, shuffled, dev)
+    gain, real, fake = context_gain(bio, val_batches, shuffled, dev, dist)
     logger.info(
         "Context gain %.3f nats per masked gene (held-out loss %.3f with the real context, %.3f shuffled).",
         gain,
         real,
         fake,
     )
-    if not gain > MIN_CONTEXT_GAIN:
+    if not gain > MIN_CONTEXT_GAIN and (dist is None or dist.main):
         warnings.warn(
             f"train_adapter: the model learned no gene-gene dependencies (context gain {gain:.3f} nats per masked gene "
             f"on held-out cells, below {MIN_CONTEXT_GAIN}): it predicts genes from their frequency alone, so "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from sc_dta.models._padding import pad_tokens
 if TYPE_CHECKING:
     import torch
 
+    from sc_dta._distributed import Distributed
     from sc_dta.models.biodta import BioDTA
 
 logger = logging.getLogger(__name__)
@@ -111,21 +113,31 @@ def masked_batches(
     ]
 
 
-def held_out_loss(bio: BioDTA, batches: list, dev: torch.device) -> float:
-    """Mean masked-gene cross-entropy (nats) over ``batches``, in eval mode (train/eval flags restored)."""
+def held_out_loss(bio: BioDTA, batches: list, dev: torch.device, dist: Distributed | None = None) -> float:
+    """Mean masked-gene cross-entropy (nats) over ``batches``, in eval mode (train/eval flags restored).
+
+    With an active ``dist`` the batches are shared out by token count, each process evaluates its own and the sums
+    are reduced: every process returns the same loss, that of all ``batches``.
+    """
     import torch
 
+    mine = range(len(batches))
+    if dist is not None and dist.active:
+        mine = dist.shard(np.asarray([int(attn.sum()) for _, _, attn in batches], dtype=np.int64))
     was_training = {m: m.training for m in (bio.adapter, bio.backbone)}
     bio.eval()
     total, count = 0.0, 0
     with torch.inference_mode():
-        for inputs, labels, attn in batches:
+        for i in mine:
+            inputs, labels, attn = batches[i]
             with autocast(dev):
                 loss = bio.masked_lm_loss(inputs.to(dev), labels.to(dev), attn.to(dev), reduction="sum")
             total += float(loss)
             count += int((labels != -100).sum())
     for m, flag in was_training.items():
         m.train(flag)
+    if dist is not None and dist.active:
+        total, count = (float(v) for v in dist.all_reduce([total, count]))
     return total / max(count, 1)
 
 
@@ -149,11 +161,38 @@ def shuffled_context(
     return out
 
 
-def context_gain(bio: BioDTA, batches: list, shuffled: list, dev: torch.device) -> tuple[float, float, float]:
+def context_gain(
+    bio: BioDTA, batches: list, shuffled: list, dev: torch.device, dist: Distributed | None = None
+) -> tuple[float, float, float]:
     """``(gain, loss_real, loss_shuffled)``: how many nats per masked gene the real context is worth."""
-    real = held_out_loss(bio, batches, dev)
-    fake = held_out_loss(bio, shuffled, dev)
+    real = held_out_loss(bio, batches, dev, dist)
+    fake = held_out_loss(bio, shuffled, dev, dist)
     return fake - real, real, fake
+
+
+def data_parallel(bio: BioDTA, device: torch.device):
+    """Wrap ``bio``'s masked-gene loss in :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+    The wrapper's ``forward(input_ids, labels, attention_mask)`` returns ``bio.masked_lm_loss(..., reduction="sum")``.
+    Building it broadcasts the main process's parameters and buffers, so every process starts from its weights.
+    ``device_ids`` is the CUDA device on GPUs (gloo on CPUs needs none); buffers (the DNA table) are not
+    re-broadcast at every forward: training does not change them.
+    """
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    class MaskedLMLoss(torch.nn.Module):
+        def __init__(self, model: BioDTA) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, labels, attention_mask):
+            return self.model.masked_lm_loss(input_ids, labels, attention_mask, reduction="sum")
+
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(MaskedLMLoss(bio), device_ids=ids, broadcast_buffers=False)
 
 
 def train_mode(bio: BioDTA, freeze_backbone: bool) -> None:
@@ -209,6 +248,12 @@ class Trainer:
         Called as ``checkpoint(progress, rng_state)`` to save a checkpoint (None: no checkpoints).
     stop_after_steps
         Interrupt after this many steps (tests of resuming).
+    dist
+        The :mod:`torch.distributed` process group (:class:`sc_dta._distributed.Distributed`). When active, the
+        model runs inside :class:`~torch.nn.parallel.DistributedDataParallel`; every process draws the same global
+        batches and masks and computes the loss of its own slice of each, scaled so that the averaged gradient is
+        the one-process gradient of the global batch; held-out losses are shared out and reduced. Dropout draws
+        differ per process (seeded by seed, rank and step).
     """
 
     def __init__(
@@ -234,6 +279,7 @@ class Trainer:
         min_epochs: int = 0,
         checkpoint=None,
         stop_after_steps: int | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.bio, self.optimizer, self.scheduler = bio, optimizer, scheduler
         self.masker, self.mask_gen = masker, mask_gen
@@ -246,6 +292,8 @@ class Trainer:
         self.cuda_devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
         self.n_tokens = 0
         self._running: float | None = None
+        self.dist = dist if dist is not None and dist.active else None
+        self.ddp = data_parallel(bio, device) if self.dist is not None else None
 
     def rng_state(self) -> dict:
         """Random states to checkpoint."""
@@ -261,22 +309,37 @@ class Trainer:
         k = self.accumulation_steps
         return [batches[i : i + k] for i in range(0, len(batches), k)]
 
-    def step(self, group: list[np.ndarray]) -> float:
-        """One optimiser step over the micro-batches of ``group``; returns the mean loss per masked gene."""
+    def step(self, group: list[np.ndarray], index: int = 0) -> float:
+        """One optimiser step over the micro-batches of ``group``; returns the mean loss per masked gene.
+
+        ``index`` (the number of steps before this one) seeds the dropout of this process when distributed.
+        """
         import torch
 
         micro = [
             self.masker(pad_tokens([self.seqs[c] for c in b], self.masker.pad_id)[0], self.mask_gen) for b in group
         ]
-        n_masked = sum(int((lab != -100).sum()) for _, lab, _ in micro)
+        n_masked = sum(int((lab != -100).sum()) for _, lab, _ in micro)  # of the global batches: every process
+        scale = 1.0
+        if self.dist is not None:
+            scale = float(self.dist.size)  # DDP averages the gradients of the processes: their sum is wanted
+            self._seed_dropout(index)
         loss_total = 0.0
-        for inputs, labels, attn in micro:
+        for k, batch in enumerate(micro):
+            inputs, labels, attn = self._own_rows(*batch) if self.dist is not None else batch
             inputs, labels, attn = inputs.to(self.device), labels.to(self.device), attn.to(self.device)
-            with autocast(self.device):
-                loss = self.bio.masked_lm_loss(inputs, labels, attn, reduction="sum")
-            (loss / n_masked).backward()
+            sync = self.ddp is None or k == len(micro) - 1  # all-reduce the gradients once per optimiser step
+            with nullcontext() if sync else self.ddp.no_sync():
+                with autocast(self.device):
+                    if self.ddp is not None:
+                        loss = self.ddp(inputs, labels, attn)
+                    else:
+                        loss = self.bio.masked_lm_loss(inputs, labels, attn, reduction="sum")
+                (loss * scale / n_masked if scale != 1.0 else loss / n_masked).backward()
             loss_total += float(loss.detach())
             self.n_tokens += int(attn.sum())
+        if self.dist is not None:
+            loss_total = float(self.dist.all_reduce(loss_total))
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
@@ -284,13 +347,43 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total / n_masked
 
+    def _own_rows(self, inputs, labels, attn):
+        """Return this process's rows of a global micro-batch, without the padding columns they do not need.
+
+        With fewer cells than processes a process gets one row that predicts nothing (labels all -100): its
+        gradient is zero, but it takes part in the all-reduce as DDP requires.
+        """
+        import torch
+
+        rows = self.dist.slice(inputs.shape[0])
+        if rows.start == rows.stop:
+            inputs, attn, labels = inputs[:1], attn[:1], torch.full_like(labels[:1], -100)
+        else:
+            inputs, labels, attn = inputs[rows], labels[rows], attn[rows]
+        used = attn.any(dim=0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+        return inputs[:, :width], labels[:, :width], attn[:, :width]
+
+    def _seed_dropout(self, index: int) -> None:
+        """Seed this process's dropout for step ``index`` from (seed, rank, step).
+
+        Independent per process, and a resumed run draws what the uninterrupted one drew.
+        """
+        import torch
+
+        value = int(np.random.SeedSequence([self.seed, 3, self.dist.rank, int(index)]).generate_state(1)[0])
+        torch.default_generator.manual_seed(value)
+        for d in self.cuda_devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(value)
+
     def end_of_epoch(self, state: Progress, epoch: int, bar) -> None:
         """Held-out loss, best weights and the early-stopping decision after ``epoch``."""
         from sc_dta.tl._checkpoint import snapshot_weights
 
         if not self.val_batches:
             return
-        val_loss = held_out_loss(self.bio, self.val_batches, self.device)
+        val_loss = held_out_loss(self.bio, self.val_batches, self.device, self.dist)
         state.history.append({"epoch": epoch, "step": state.step, "val_loss": val_loss})
         logger.info("Epoch %d: held-out loss %.4f.", epoch, val_loss)
         running = self._running if self._running is not None else float("nan")
@@ -326,7 +419,7 @@ class Trainer:
                 done = False
                 try:
                     lr_now = self.scheduler.get_last_lr()[0]
-                    mean_loss = self.step(groups[g])
+                    mean_loss = self.step(groups[g], state.step)
                     state.step += 1
                     state.history.append({"epoch": epoch, "step": state.step, "loss": mean_loss, "lr": lr_now})
                     done = True
