@@ -10,7 +10,7 @@ matrix is never densified, so backed (on-disk) and large inputs work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sc_dta._utils import get_anndata, progress
+from sc_dta._chunks import RowChunk, cells_mask, chunk_size_or_default, counts_matrix, iter_row_chunks
+from sc_dta._utils import get_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -166,77 +167,6 @@ class TokenizedCells:
         return ids, mask
 
 
-# --------------------------------------------------------------------------------------------
-# Reading counts chunk by chunk
-# --------------------------------------------------------------------------------------------
-
-
-def _counts_source(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    """Return the counts matrix (in memory or backed) and a name for error messages."""
-    if layer is None:
-        X, name = adata.X, "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise KeyError(f"layer={layer!r} is not in adata.layers; available: {list(adata.layers)}.")
-        X, name = adata.layers[layer], f"layer {layer!r}"
-    if X is None:
-        raise ValueError(f"{name} is empty (None); tokenize needs raw counts.")
-    if isinstance(X, sp.spmatrix | sp.sparray) and X.format == "csc":
-        logger.info("%s is CSC; converting it to CSR once for row-wise tokenization.", name)
-        X = sp.csr_matrix(X)
-    elif isinstance(X, sp.spmatrix | sp.sparray) and X.format != "csr":
-        X = sp.csr_matrix(X)
-    elif getattr(X, "format", None) == "csc":
-        logger.warning("%s is a backed CSC matrix: reading cells row-wise from it is slow; CSR is recommended.", name)
-    return X, name
-
-
-@dataclass
-class _Chunk:
-    """Rows ``start:start + n_rows`` of a counts matrix in CSR form (arrays may be views)."""
-
-    start: int
-    n_rows: int
-    indptr: np.ndarray  # starts at 0
-    indices: np.ndarray
-    data: np.ndarray
-    sorted_indices: bool
-
-
-def _iter_csr_chunks(X: Any, n_obs: int, chunk_size: int, desc: str) -> Iterator[_Chunk]:
-    """Yield the rows of ``X`` chunk by chunk in CSR form, without copying in-memory CSR data."""
-    in_memory_csr = isinstance(X, sp.spmatrix | sp.sparray) and X.format == "csr"
-    if in_memory_csr:
-        sorted_all = bool(X.has_sorted_indices)
-    starts = range(0, n_obs, chunk_size)
-    for start in progress(starts, total=len(starts), desc=desc):
-        stop = min(start + chunk_size, n_obs)
-        if in_memory_csr:
-            lo, hi = int(X.indptr[start]), int(X.indptr[stop])
-            yield _Chunk(
-                start,
-                stop - start,
-                X.indptr[start : stop + 1].astype(np.int64) - lo,
-                X.indices[lo:hi],
-                X.data[lo:hi],
-                sorted_all,
-            )
-            continue
-        block = X[start:stop]
-        if isinstance(block, sp.spmatrix | sp.sparray):
-            block = sp.csr_matrix(block)
-        else:
-            block = sp.csr_matrix(np.asarray(block))
-        yield _Chunk(
-            start,
-            stop - start,
-            block.indptr.astype(np.int64),
-            block.indices,
-            block.data,
-            bool(block.has_sorted_indices),
-        )
-
-
 def _check_raw(data: np.ndarray, name: str) -> None:
     """Raise unless ``data`` holds non-negative integers (raw counts)."""
     if data.size == 0 or data.dtype.kind in "ub":
@@ -278,7 +208,7 @@ def _filter(indptr: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def _to_columns(
-    chunk: _Chunk, var_col: np.ndarray, n_cols: int, has_duplicates: bool
+    chunk: RowChunk, var_col: np.ndarray, n_cols: int, has_duplicates: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Map a chunk over vars to vocabulary columns: returns ``(indptr, cols, data)``.
 
@@ -445,8 +375,9 @@ def tokenize(
     n_counts_key: str = "n_counts",
     max_length: int | None = None,
     vocab: GeneformerVocab | str | None = None,
+    cells: Sequence[str] | np.ndarray | None = None,
     mod: str = "rna",
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
 ) -> TokenizedCells:
     """Geneformer rank-value encoding of raw counts.
 
@@ -470,8 +401,15 @@ def tokenize(
     uses an unstable sort and may order ties arbitrarily. Values are computed in float64.
 
     Cells without counts in vocabulary genes are kept, with an empty sequence (V1) or ``<cls><eos>``
-    (V2), and flagged in ``empty``. ``obs['filter_pass']`` is not applied: subset the AnnData instead.
-    The AnnData is never modified.
+    (V2), and flagged in ``empty``. ``obs['filter_pass']`` is not applied: subset the AnnData (or pass
+    ``cells=``) instead. The AnnData is never modified.
+
+    The counts are read ``chunk_size`` cells at a time (:func:`sc_dta._chunks.iter_row_chunks`), so a backed
+    AnnData (``anndata.read_h5ad(path, backed="r")``, ``X`` a CSR, CSC or dense matrix on disk) is streamed:
+    memory holds one chunk of counts plus the token ids of the cells read so far. With ``cells=`` only the
+    chunks holding those cells are read. Only ``X`` is on disk in a backed AnnData (anndata reads the layers
+    into memory when it opens the file), so ``layer=`` on a backed AnnData works but is not streamed (a
+    warning says so).
 
     Parameters
     ----------
@@ -490,14 +428,18 @@ def tokenize(
     vocab
         A :class:`~sc_dta.models.GeneformerVocab` (or a path / name for
         :meth:`~sc_dta.models.GeneformerVocab.load`) to use instead of ``model_version``.
+    cells
+        Cells to tokenize: a boolean mask over ``obs``, obs names, or None for all cells. The result holds
+        these cells only, in obs order.
     mod
         MuData modality.
     chunk_size
-        Cells processed at a time (memory vs speed).
+        Cells read and processed at a time (memory vs speed); default :data:`sc_dta._chunks.CHUNK_SIZE`
+        (2,048).
 
     Returns
     -------
-    The :class:`TokenizedCells`, in obs order.
+    The :class:`TokenizedCells` of the selected cells, in obs order.
     """
     adata = get_anndata(adata, mod)
     voc = _resolve_vocab(model_version, vocab)
@@ -509,8 +451,7 @@ def tokenize(
         raise ValueError(
             f"max_length={max_length} must be between {specials + 1} and the vocabulary's {voc.max_length} tokens."
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be positive.")
+    chunk_size = chunk_size_or_default(chunk_size)
     n_genes_max = max_length - specials
 
     ids = _var_ids(adata, gene_id_key)
@@ -533,29 +474,32 @@ def tokenize(
         voc.version,
     )
 
-    n_obs = adata.n_obs
     n_counts_given = _n_counts_column(adata, n_counts_key)
     if n_counts_given is None:
         logger.info("obs[%r] not found; computing n_counts per cell over all %d vars.", n_counts_key, adata.n_vars)
-    X, name = _counts_source(adata, layer)
+    X, name = counts_matrix(adata, layer)
+    mask = cells_mask(adata, cells)
+    rows = None if mask.all() else np.flatnonzero(mask)
+    n_out = adata.n_obs if rows is None else rows.size
 
     input_ids: list[np.ndarray] = []
-    lengths = np.zeros(n_obs, dtype=np.int64)
-    n_counts = np.zeros(n_obs, dtype=np.float64)
-    empty = np.zeros(n_obs, dtype=bool)
-    for chunk in _iter_csr_chunks(X, n_obs, chunk_size, desc="tokenize"):
-        start, stop = chunk.start, chunk.start + chunk.n_rows
+    lengths = np.zeros(n_out, dtype=np.int64)
+    n_counts = np.zeros(n_out, dtype=np.float64)
+    empty = np.zeros(n_out, dtype=bool)
+    done = 0  # cells of the output filled so far
+    for chunk in iter_row_chunks(X, adata.n_obs, rows=rows, chunk_size=chunk_size, desc="tokenize"):
+        start, stop = done, done + chunk.n_rows
         _check_raw(chunk.data, name)
-        nc = _row_sums(chunk.indptr, chunk.data) if n_counts_given is None else n_counts_given[start:stop]
+        nc = _row_sums(chunk.indptr, chunk.data) if n_counts_given is None else n_counts_given[chunk.rows]
         n_counts[start:stop] = nc
         indptr, cols, data = _to_columns(chunk, var_col, col_tokens.size, has_duplicates)
         lens = np.diff(indptr)
         expressed = lens > 0
         if np.any(nc[expressed] <= 0):
-            bad = start + int(np.flatnonzero(expressed & (nc <= 0))[0])
+            bad = int(chunk.rows[np.flatnonzero(expressed & (nc <= 0))[0]])
             raise ValueError(
-                f"obs[{n_counts_key!r}] is {n_counts[bad]} for cell {adata.obs_names[bad]!r}, which has counts; "
-                "n_counts must be the cell's total counts."
+                f"obs[{n_counts_key!r}] is {n_counts_given[bad]} for cell {adata.obs_names[bad]!r}, which has "
+                "counts; n_counts must be the cell's total counts."
             )
         values = data.astype(np.float64) / np.repeat(nc, lens)
         values *= TARGET_SUM
@@ -568,6 +512,7 @@ def tokenize(
         input_ids.extend(in_obs_order)
         lengths[start + order] = cell_lengths
         empty[start:stop] = ~expressed
+        done = stop
 
     return TokenizedCells(
         input_ids=input_ids,
@@ -575,7 +520,7 @@ def tokenize(
         vocab=voc,
         genes=pd.Index(adata.var_names[var_token_ids >= 0]),
         var_token_ids=var_token_ids,
-        obs_names=pd.Index(adata.obs_names),
+        obs_names=pd.Index(adata.obs_names if rows is None else adata.obs_names[rows]),
         empty=empty,
         n_counts=n_counts,
         params={
@@ -640,15 +585,15 @@ def _gene_medians(
     var_col = codes.astype(np.int64)
     has_duplicates = uniques.size < ids.size
     n_counts_given = _n_counts_column(adata, n_counts_key)
-    X, name = _counts_source(adata, layer)
+    X, name = counts_matrix(adata, layer)
     all_cols: list[np.ndarray] = []
     all_values: list[np.ndarray] = []
-    for chunk in _iter_csr_chunks(X, adata.n_obs, chunk_size, desc="gene medians"):
+    for chunk in iter_row_chunks(X, adata.n_obs, chunk_size=chunk_size, desc="gene medians"):
         _check_raw(chunk.data, name)
         if n_counts_given is None:
             nc = _row_sums(chunk.indptr, chunk.data)
         else:
-            nc = n_counts_given[chunk.start : chunk.start + chunk.n_rows]
+            nc = n_counts_given[chunk.rows]
         indptr, cols, data = _to_columns(chunk, var_col, uniques.size, has_duplicates)
         row_nc = np.repeat(nc, np.diff(indptr))
         ok = row_nc > 0

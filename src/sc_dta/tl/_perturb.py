@@ -52,7 +52,13 @@ def _vocab_of(model: nn.Module, tokens: Any) -> Any:
         ) from e
 
 
-def _tokenize(adata: AnnData, model: nn.Module, tokens: Any, layer: str | None = None) -> Any:
+def _tokenize(
+    adata: AnnData, model: nn.Module, tokens: Any, layer: str | None = None, mask: np.ndarray | None = None
+) -> Any:
+    """``tokens`` checked against ``adata``, or the cells of ``mask`` (default all) tokenized with the model's vocabulary.
+
+    Only the selected cells are read (chunk by chunk, so a backed ``adata`` is streamed) and tokenized.
+    """
     if tokens is not None:
         for attr in ("input_ids", "obs_names", "var_token_ids", "token_to_var"):
             if not hasattr(tokens, attr):
@@ -71,7 +77,8 @@ def _tokenize(adata: AnnData, model: nn.Module, tokens: Any, layer: str | None =
     vocab = _vocab_of(model, None)
     n_pos = _max_positions(model)
     max_length = min(int(vocab.max_length), n_pos) if n_pos else None
-    return tokenize(adata, vocab=vocab, max_length=max_length, layer=layer)  # never modifies adata
+    cells = None if mask is None or mask.all() else mask
+    return tokenize(adata, vocab=vocab, max_length=max_length, layer=layer, cells=cells)  # never modifies adata
 
 
 def _as_model(model: Any, device: Any = None) -> nn.Module:
@@ -162,22 +169,24 @@ def _token_columns(tokens: Any, largest_token: int = 0) -> np.ndarray:
 
 
 def _cells_mask(adata: AnnData, cells: Any) -> np.ndarray:
-    if cells is None:
-        return np.ones(adata.n_obs, dtype=bool)
-    if isinstance(cells, str):
-        cells = [cells]
-    arr = np.asarray(cells)
-    if arr.dtype == bool:
-        if arr.shape != (adata.n_obs,):
-            raise ValueError(f"cells: a boolean mask must have length n_obs={adata.n_obs}, got shape {arr.shape}.")
-        return arr.copy()
-    idx = adata.obs_names.get_indexer(pd.Index(arr.astype(str)))
-    if (idx < 0).any():
-        bad = arr[idx < 0][:5].tolist()
-        raise KeyError(f"cells: {bad} not in adata.obs_names.")
-    mask = np.zeros(adata.n_obs, dtype=bool)
-    mask[idx] = True
-    return mask
+    """Boolean mask over ``adata.obs`` of ``cells`` (see :func:`sc_dta._chunks.cells_mask`)."""
+    from sc_dta._chunks import cells_mask
+
+    return cells_mask(adata, cells)
+
+
+def _copy(data: AnnData | MuData, ad: AnnData, function: str) -> AnnData | MuData:
+    """``data.copy()``, refused with a clear message when ``ad`` is backed (a copy would load ``X``)."""
+    from sc_dta._chunks import is_backed
+
+    if is_backed(ad):
+        raise ValueError(
+            f"copy=True: {function} got a backed AnnData (file {str(ad.filename)!r}); copying it would load X into "
+            "memory. Pass copy=False to add the results to this object (obs, var, uns and the layer are held in "
+            "memory; write them with .write_h5ad(new_path)), call .to_memory() first, or use sc_dta.tl.screen, "
+            "which returns the results as a separate AnnData."
+        )
+    return data.copy()
 
 
 def _resolve_gene(adata: AnnData, gene: str, tokens: Any, vocab: Any) -> tuple[int, int | None, str]:
@@ -460,7 +469,7 @@ class _Run:
         self.adata = adata
         resolve_emb_layer(model, emb_layer)
         mask = _cells_mask(adata, cells)
-        self.tokens = _tokenize(adata, model, tokens, layer)
+        self.tokens = _tokenize(adata, model, tokens, layer, mask)
         self.vocab = _vocab_of(model, self.tokens)
         if tokens is not None:
             _check_tokens_fit(model, self.tokens)
@@ -566,7 +575,9 @@ def perturb_gene(
     Parameters
     ----------
     adata
-        AnnData with raw counts (or a MuData; ``mod`` selects the modality).
+        AnnData with raw counts (or a MuData; ``mod`` selects the modality), in memory or backed
+        (``anndata.read_h5ad(path, backed="r")``: the selected cells' counts are read chunk by chunk, and the
+        results are written to its in-memory ``obs``, ``var``, ``layers`` and ``uns``; ``copy=True`` is refused).
     gene
         A var name, a gene symbol or an Ensembl id known to the model's vocabulary.
     model
@@ -581,7 +592,9 @@ def perturb_gene(
     cells
         Boolean mask over ``obs``, obs names, or None for all cells.
     layer
-        Layer with the raw counts (default ``X``, as in scanpy), e.g. ``"counts"`` after ``sc.pp.log1p``.
+        Layer with the raw counts (default ``X``, as in scanpy), e.g. ``"counts"`` after ``sc.pp.log1p``. Of a
+        backed AnnData only ``X`` is read from disk chunk by chunk; anndata holds its layers in memory (a warning
+        says so).
     tokens
         A :class:`~sc_dta.pp.TokenizedCells` from :func:`sc_dta.pp.tokenize` to reuse; None tokenizes
         ``adata`` (or ``layer``) with the model's vocabulary.
@@ -647,7 +660,8 @@ def perturb_gene(
         keys = [f"{key_added}_{k}" for k in kinds]
 
     _check_readout(readout, n_folds)
-    data = adata.copy() if copy else adata
+    ad = get_anndata(adata, mod)
+    data = _copy(adata, ad, "perturb_gene") if copy else adata
     ad = get_anndata(data, mod)
     previous = _check_keys(ad, keys, "perturb_gene")
     model = _as_model(model, device)
@@ -744,7 +758,8 @@ def perturb_tss(
     Parameters
     ----------
     adata
-        AnnData with raw counts and TSS annotation (:func:`sc_dta.pp.annotate_tss`), or a MuData.
+        AnnData with raw counts and TSS annotation (:func:`sc_dta.pp.annotate_tss`), or a MuData; in memory or
+        backed, as in :func:`perturb_gene`.
     gene
         A var name, a gene symbol or an Ensembl id.
     mutation
@@ -765,7 +780,9 @@ def perturb_tss(
     cells
         Boolean mask over ``obs``, obs names, or None for all cells.
     layer
-        Layer with the raw counts (default ``X``, as in scanpy), e.g. ``"counts"`` after ``sc.pp.log1p``.
+        Layer with the raw counts (default ``X``, as in scanpy), e.g. ``"counts"`` after ``sc.pp.log1p``. Of a
+        backed AnnData only ``X`` is read from disk chunk by chunk; anndata holds its layers in memory (a warning
+        says so).
     tokens
         A :class:`~sc_dta.pp.TokenizedCells` to reuse; None tokenizes ``adata`` (or ``layer``) with the model's
         vocabulary.
@@ -813,7 +830,8 @@ def perturb_tss(
     groups, is_list = _mutation_groups(mutation)
     keys = [f"{key_added}_{i}" for i in range(len(groups))] if is_list else [key_added]
 
-    data = adata.copy() if copy else adata
+    ad = get_anndata(adata, mod)
+    data = _copy(adata, ad, "perturb_tss") if copy else adata
     ad = get_anndata(data, mod)
     previous = _check_keys(ad, keys, "perturb_tss")
     run = _Run(ad, gene, model, tokens, cells, emb_layer, need_var=True, layer=layer)

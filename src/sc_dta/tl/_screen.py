@@ -170,12 +170,15 @@ def _perturbation_table(
 
 
 class _Cells:
-    """The tokenized, selected cells shared by every perturbation (as ``_Run`` selects them for one gene)."""
+    """The tokenized, selected cells shared by every perturbation (as ``_Run`` selects them for one gene).
+
+    Only the selected cells' counts are read, chunk by chunk (a backed ``adata`` is streamed from its file).
+    """
 
     def __init__(self, adata: AnnData, model: nn.Module, tokens: Any, cells: Any, layer: str | None) -> None:
         mask = _cells_mask(adata, cells)
         self.adata_like = adata  # only its shape is used by the assemblers
-        self.tokens = _tokenize(adata, model, tokens, layer)
+        self.tokens = _tokenize(adata, model, tokens, layer, mask)
         self.vocab = _vocab_of(model, self.tokens)
         if tokens is not None:
             _check_tokens_fit(model, self.tokens)
@@ -348,7 +351,8 @@ def screen(
     ----------
     adata
         AnnData with raw counts (TSS annotation from :func:`sc_dta.pp.annotate_tss` for TSS mutations), or a MuData.
-        It is not modified.
+        It is not modified. It may be backed (``anndata.read_h5ad(path, backed="r")``): the selected cells' counts
+        are then read from the file chunk by chunk (``sc_dta._chunks.CHUNK_SIZE`` cells at a time).
     perturbations
         A list of ``(gene, perturbation)`` pairs or a DataFrame with columns ``gene`` and ``perturbation``. A
         perturbation is ``"delete"``, ``"overexpress"``, a mutation spec accepted by :func:`perturb_tss`
@@ -362,9 +366,10 @@ def screen(
     genome, encoder
         The genome and DNA encoder for TSS mutations (as in :func:`perturb_tss`); unused otherwise.
     layer
-        Layer with the raw counts (default ``X``).
+        Layer with the raw counts (default ``X``). Of a backed AnnData only ``X`` is streamed from disk; anndata
+        holds its layers in memory (a warning says so).
     cells
-        Boolean mask over ``obs``, obs names, or None for all cells.
+        Boolean mask over ``obs``, obs names, or None for all cells. Only these cells' counts are read.
     groupby
         An ``obs`` column: also the mean shift within each of its groups.
     readout
