@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import sc_dta as dta  # noqa: E402
-from sc_dta.models._perturb_engine import _batch_len  # noqa: E402
+from sc_dta.models._batches import _batch_len  # noqa: E402
 
 N_OBS, N_GENES = 24, 50
 # MuData's own deprecation notice when building a MuData

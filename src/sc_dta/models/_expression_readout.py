@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sc_dta._settings import settings
+from sc_dta.models._batches import length_sorted_batches
 from sc_dta.models._padding import pad_tokens
-from sc_dta.models._perturb_engine import PerturbSpec, length_sorted_batches, perturb_tokens
+from sc_dta.models._perturb_engine import PerturbSpec, perturb_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,13 @@ def run_expression_readout(
 
     try:
         cells_per_batch = max(1, batch_size // max(1, n_folds))
+        advice = (
+            f"pass a smaller batch_size= (masked sequences per forward pass, now {batch_size}), fewer n_folds= (now "
+            f"{n_folds}: each fold of a cell is one more sequence to run), or fewer cells per call (dta.tl.screen "
+            "with checkpoint_dir= runs a long screen in resumable pieces)"
+        )
         for _, out in length_sorted_batches(
-            order, sorted_lengths, cells_per_batch, device, readout, desc=desc, on_oom=shrink
+            order, sorted_lengths, cells_per_batch, device, readout, desc=desc, on_oom=shrink, advice=advice
         ):
             for k, (rows, delta) in enumerate(out):
                 if rows.size:

@@ -25,13 +25,14 @@ shift and the shift of the cell embedding (the ``<cls>`` vector when both versio
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from sc_dta._settings import settings
+from sc_dta.models._batches import MIN_FILL, length_sorted_batches
 from sc_dta.models._padding import pad_tokens
 
 if TYPE_CHECKING:
@@ -102,11 +103,18 @@ def perturb_tokens(
     the cell cannot be perturbed (gene absent for ``delete``/``embedding``/``overexpress``).
     """
     tokens = np.asarray(tokens, dtype=np.int64)
+    return _perturb(tokens, _is_special(tokens, special_ids), spec, cls_id, eos_id, max_length)
+
+
+def _perturb(
+    tokens: np.ndarray, special: np.ndarray, spec: PerturbSpec, cls_id: int | None, eos_id: int | None, max_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`perturb_tokens` of int64 ``tokens`` whose special positions ``special`` are known."""
     g = spec.token_id
     hits = np.flatnonzero(tokens == g)
     n = tokens.shape[0]
     positions = np.arange(n)
-    keep = ~_is_special(tokens, special_ids)
+    keep = ~special
     start = 1 if (cls_id is not None and n > 0 and tokens[0] == cls_id) else 0
     if spec.kind in ("delete", "embedding") or (spec.kind == "overexpress" and hits.size):
         if hits.size == 0:
@@ -140,74 +148,348 @@ def perturb_tokens(
     raise ValueError(f"kind: expected 'delete', 'overexpress' or 'embedding', got {spec.kind!r}.")
 
 
-#: A batch ends where a cell is shorter than this fraction of the batch's longest cell (bounds the padding).
-#: On the CPU batching buys little (the matrices of one cell are already large), so padding is kept tighter.
-MIN_FILL = {"cpu": 0.97, "default": 0.9}
+# --------------------------------------------------------------------------------------------- the plan
 
 
-def _batch_len(lengths_desc: np.ndarray, batch_size: int, min_fill: float = MIN_FILL["default"]) -> int:
-    """Return the size of the next batch: at most ``batch_size``, padding bounded by ``1 - min_fill``."""
-    n = min(batch_size, len(lengths_desc))
-    if n <= 1:
-        return n
-    return max(1, int(np.count_nonzero(lengths_desc[:n] >= min_fill * lengths_desc[0])))
+@dataclass(frozen=True)
+class _Vocab:
+    """The vocabulary facts the engine needs."""
+
+    special: np.ndarray  # sorted int64 ids that are never affected genes
+    pad_id: int
+    cls_id: int | None
+    eos_id: int | None
+    max_length: int  # only used to trim an inserted gene
 
 
-def _oom_error() -> tuple[type[BaseException], ...]:
-    import torch
+@dataclass(frozen=True)
+class _Plan:
+    """Which cells are run, in which order, and how their cell embedding is read.
 
-    errs = [torch.cuda.OutOfMemoryError]
-    if hasattr(torch, "OutOfMemoryError"):
-        errs.append(torch.OutOfMemoryError)
-    return tuple(errs)
+    Attributes
+    ----------
+    cells
+        int64 token ids of every input cell.
+    evaluable
+        ``(n_specs, n_cells)``: whether a spec evaluates a cell (it holds the gene, or the gene is inserted).
+    order
+        The cells evaluable by any spec, longest first (stable).
+    sorted_lengths
+        Their token counts, in that order.
+    use_cls
+        Whether the cell embedding is the ``<cls>`` vector (else the mean of the paired gene embeddings).
+    """
+
+    cells: list[np.ndarray]
+    evaluable: np.ndarray
+    order: np.ndarray
+    sorted_lengths: np.ndarray
+    use_cls: bool
+
+    @property
+    def cell_emb_mode(self) -> str:
+        """``"cls"`` or ``"mean"`` (:attr:`ShiftResult.cell_emb_mode`)."""
+        return "cls" if self.use_cls else "mean"
 
 
-def length_sorted_batches(
-    order: np.ndarray,
-    sorted_lengths: np.ndarray,
-    batch_size: int,
-    device: torch.device,
-    process: Callable[[np.ndarray], Any],
+def _holds(cells: list[np.ndarray], token_ids: np.ndarray) -> np.ndarray:
+    """``(len(token_ids), len(cells))``: whether each cell holds each token (one pass over all tokens)."""
+    uniq, index = np.unique(token_ids, return_inverse=True)
+    out = np.zeros((len(uniq), len(cells)), dtype=bool)
+    if cells:
+        flat = np.concatenate(cells)
+        owner = np.repeat(np.arange(len(cells)), [len(c) for c in cells])
+        pos = np.searchsorted(uniq, flat)
+        found = pos < len(uniq)
+        found[found] &= uniq[pos[found]] == flat[found]
+        out[pos[found], owner[found]] = True
+    return out[index.reshape(-1)]
+
+
+def _plan(
+    cells: list[np.ndarray],
+    specs: Sequence[PerturbSpec],
     *,
-    desc: str,
-    on_oom: Callable[[], bool] | None = None,
-) -> Iterator[tuple[np.ndarray, Any]]:
-    """Yield ``(batch, process(batch))`` over the cells ``order`` (longest first), with a progress bar.
+    cls_id: int | None,
+    cell_emb: str,
+    overexpress_absent: bool,
+) -> _Plan:
+    """Return the :class:`_Plan` of a run (raises if ``cell_emb="cls"`` cannot be honoured)."""
+    evaluable = _holds(cells, np.asarray([int(s.token_id) for s in specs], dtype=np.int64))
+    if overexpress_absent:
+        evaluable[[k for k, s in enumerate(specs) if s.kind == "overexpress"]] = True
+    todo = np.flatnonzero(evaluable.any(axis=0))
+    lengths = np.array([len(cells[i]) for i in todo], dtype=np.int64)
+    order = todo[np.argsort(-lengths, kind="stable")]
+    sorted_lengths = np.sort(lengths)[::-1]
+    starts_with_cls = (
+        cls_id is not None and len(order) > 0 and all(len(cells[i]) > 0 and cells[i][0] == cls_id for i in order)
+    )
+    if cell_emb == "cls" and not starts_with_cls:
+        raise ValueError("cell_emb='cls' needs every evaluated cell to start with the <cls> token.")
+    return _Plan(cells, evaluable, order, sorted_lengths, use_cls=cell_emb != "mean" and starts_with_cls)
 
-    Batches hold at most ``batch_size`` cells and are cut where the padding would exceed :data:`MIN_FILL`. Everything
-    runs in one inference-mode and autocast region (autocast keeps its low-precision weight copies across batches).
-    On out-of-memory the batch is halved and retried; a single cell that does not fit is retried only while
-    ``on_oom`` (which may shrink something else, e.g. sequences per forward pass) returns True.
+
+# --------------------------------------------------------------------------------------------- one batch
+
+
+class _Forward:
+    """The model's contextual embeddings of a padded numpy batch, on the device."""
+
+    def __init__(self, model: nn.Module, device: torch.device, forward: Callable, emb_layer: int) -> None:
+        self.model, self.device, self.forward, self.emb_layer = model, device, forward, emb_layer
+
+    def __call__(self, ids_np: np.ndarray, mask_np: np.ndarray, override: dict | None = None) -> torch.Tensor:
+        """``(batch, seq, hidden)`` embeddings of ``ids_np``; ``override``: DNA embeddings for ``embed_tokens``."""
+        import torch
+
+        from sc_dta._utils import autocast
+
+        ids = torch.from_numpy(ids_np).to(self.device)
+        mask = torch.from_numpy(mask_np).to(self.device)
+        with autocast(self.device):
+            embeds = None
+            if override is not None:
+                embeds = self.model.embed_tokens(ids, dna_overrides=override)
+            return self.forward(self.model, ids, mask, inputs_embeds=embeds, emb_layer=self.emb_layer)
+
+
+@dataclass
+class PerturbedBatch:
+    """One spec's perturbed version of the evaluated cells of a batch, and how its genes pair with the original.
+
+    Attributes
+    ----------
+    rows
+        Row in the batch of each evaluated cell (cells lacking the gene, or whose only gene it is, are left out).
+    ids, mask
+        The perturbed tokens, padded (one row per evaluated cell).
+    pair_row
+        For each (cell, affected gene) pair: its row in ``ids``.
+    orig_pos, pert_pos
+        The gene's position in the original and in the perturbed cell.
+    """
+
+    rows: np.ndarray
+    ids: np.ndarray
+    mask: np.ndarray
+    pair_row: np.ndarray
+    orig_pos: np.ndarray
+    pert_pos: np.ndarray
+
+
+def perturbed_batch(
+    tokens: Sequence[np.ndarray], special: Sequence[np.ndarray], spec: PerturbSpec, evaluable: np.ndarray, vocab: _Vocab
+) -> PerturbedBatch | None:
+    """Perturb the cells of a batch by ``spec``; None when none of them is evaluated.
+
+    Parameters
+    ----------
+    tokens
+        The batch's cells (int64 token ids).
+    special
+        Per cell, which positions hold a special token.
+    spec
+        The perturbation.
+    evaluable
+        Per cell, whether ``spec`` evaluates it (:attr:`_Plan.evaluable`).
+    vocab
+        Vocabulary facts.
+    """
+    rows, seqs, orig, pert = [], [], [], []
+    for j, (cell, spc) in enumerate(zip(tokens, special, strict=True)):
+        if not evaluable[j]:
+            continue
+        res = _perturb(cell, spc, spec, vocab.cls_id, vocab.eos_id, vocab.max_length)
+        # a cell whose only gene token is the perturbed one has no affected gene: not evaluated
+        if res is None or not len(res[1]):
+            continue
+        rows.append(j)
+        seqs.append(res[0])
+        orig.append(res[1])
+        pert.append(res[2])
+    if not rows:
+        return None
+    ids, mask = pad_tokens(seqs, vocab.pad_id)
+    return PerturbedBatch(
+        rows=np.asarray(rows, dtype=np.int64),
+        ids=ids,
+        mask=mask,
+        pair_row=np.repeat(np.arange(len(rows), dtype=np.int64), [len(o) for o in orig]),
+        orig_pos=np.concatenate(orig).astype(np.int64),
+        pert_pos=np.concatenate(pert).astype(np.int64),
+    )
+
+
+@dataclass
+class BatchShifts:
+    """Shifts of one spec on one batch.
+
+    Attributes
+    ----------
+    pair_cell, pair_token, pair_shift
+        Per (cell, affected gene) pair: the input cell's index, the gene's token id and its shift ``1 - cos``.
+    cells
+        The evaluated input cells.
+    cell_mean
+        Their mean gene shift.
+    cell_emb
+        Their cell-embedding shift.
+    """
+
+    pair_cell: np.ndarray
+    pair_token: np.ndarray
+    pair_shift: np.ndarray
+    cells: np.ndarray
+    cell_mean: np.ndarray
+    cell_emb: np.ndarray
+
+
+def batch_shifts(
+    batch: np.ndarray, ids0: np.ndarray, h0: torch.Tensor, pert: PerturbedBatch, h1: torch.Tensor, use_cls: bool
+) -> BatchShifts:
+    """Compare the original and perturbed embeddings of a batch.
+
+    Parameters
+    ----------
+    batch
+        Input-cell index of each row of ``ids0``.
+    ids0, h0
+        The original tokens (padded) and their embeddings.
+    pert, h1
+        The perturbed batch and its embeddings.
+    use_cls
+        Cell embedding = the ``<cls>`` vector (else the mean over the paired gene embeddings).
     """
     import torch
-    from tqdm.auto import tqdm
+    from torch.nn.functional import cosine_similarity
 
-    from sc_dta._utils import autocast
+    device = h0.device
+    b0 = pert.rows[pert.pair_row]
+    tb0 = torch.from_numpy(b0).to(device)
+    tb1 = torch.from_numpy(pert.pair_row).to(device)
+    a = h0[tb0, torch.from_numpy(pert.orig_pos).to(device)].float()
+    c = h1[tb1, torch.from_numpy(pert.pert_pos).to(device)].float()
+    shift = 1.0 - cosine_similarity(a, c, dim=-1)
+    n_rows = len(pert.rows)
+    counts = torch.bincount(tb1, minlength=n_rows).float()
+    mean_shift = torch.zeros(n_rows, device=device).index_add_(0, tb1, shift) / counts
+    if use_cls:
+        e0 = h0[torch.tensor(pert.rows.tolist(), device=device), 0].float()
+        e1 = h1[:, 0].float()
+    else:
+        e0 = torch.zeros(n_rows, a.shape[1], device=device).index_add_(0, tb1, a) / counts[:, None]
+        e1 = torch.zeros(n_rows, c.shape[1], device=device).index_add_(0, tb1, c) / counts[:, None]
+    emb_shift = 1.0 - cosine_similarity(e0, e1, dim=-1)
+    batch = np.asarray(batch)
+    return BatchShifts(
+        pair_cell=batch[b0],
+        pair_token=np.asarray(ids0[b0, pert.orig_pos]),
+        pair_shift=shift.cpu().numpy(),
+        cells=batch[pert.rows],
+        cell_mean=mean_shift.cpu().numpy(),
+        cell_emb=emb_shift.cpu().numpy(),
+    )
 
-    oom = _oom_error()
-    min_fill = MIN_FILL.get(device.type, MIN_FILL["default"])
-    pos, bs = 0, batch_size
-    with (
-        torch.inference_mode(),
-        autocast(device),
-        tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
-    ):
-        while pos < len(order):
-            batch = order[pos : pos + _batch_len(sorted_lengths[pos:], bs, min_fill)]
-            try:
-                result = process(batch)
-            except oom:
-                shrunk = on_oom() if on_oom is not None else False
-                if len(batch) == 1 and not shrunk:
-                    raise
-                bs = max(1, len(batch) // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
+
+class _Batch:
+    """Runs every spec on one batch of cells: one original forward, one forward per spec that evaluates a cell."""
+
+    def __init__(self, plan: _Plan, specs: Sequence[PerturbSpec], vocab: _Vocab, fwd: _Forward, overrides: list):
+        self.plan, self.specs, self.vocab, self.fwd, self.overrides = plan, specs, vocab, fwd, overrides
+
+    def __call__(self, batch: np.ndarray) -> list[BatchShifts | None]:
+        """Return one :class:`BatchShifts` per spec (None where the spec evaluates none of the cells)."""
+        tokens = [self.plan.cells[i] for i in batch]
+        ids0, mask0 = pad_tokens(tokens, self.vocab.pad_id)
+        h0 = self.fwd(ids0, mask0)
+        special = [_is_special(c, self.vocab.special) for c in tokens]
+        out: list[BatchShifts | None] = []
+        for k, spec in enumerate(self.specs):
+            pert = perturbed_batch(tokens, special, spec, self.plan.evaluable[k, batch], self.vocab)
+            if pert is None:
+                out.append(None)
                 continue
-            yield batch, result
-            pos += len(batch)
-            bar.update(len(batch))
+            h1 = self.fwd(pert.ids, pert.mask, self.overrides[k])
+            out.append(batch_shifts(batch, ids0, h0, pert, h1, self.plan.use_cls))
+        return out
+
+
+# --------------------------------------------------------------------------------------------- the results
+
+
+class _Collector:
+    """Collects the :class:`BatchShifts` of every batch into one :class:`ShiftResult` per spec."""
+
+    def __init__(self, n_specs: int, n_cells: int) -> None:
+        self.cell: list[list[np.ndarray]] = [[] for _ in range(n_specs)]
+        self.token: list[list[np.ndarray]] = [[] for _ in range(n_specs)]
+        self.shift: list[list[np.ndarray]] = [[] for _ in range(n_specs)]
+        self.cell_mean = np.full((n_specs, n_cells), np.nan, dtype=np.float32)
+        self.cell_emb = np.full((n_specs, n_cells), np.nan, dtype=np.float32)
+        self.evaluated = np.zeros((n_specs, n_cells), dtype=bool)
+
+    def add(self, k: int, s: BatchShifts) -> None:
+        """Add spec ``k``'s shifts on one batch."""
+        self.cell[k].append(s.pair_cell.astype(np.int32))
+        self.token[k].append(s.pair_token.astype(np.int32))
+        self.shift[k].append(s.pair_shift)
+        self.cell_mean[k, s.cells] = s.cell_mean
+        self.cell_emb[k, s.cells] = s.cell_emb
+        self.evaluated[k, s.cells] = True
+
+    def results(self, cell_emb_mode: str) -> list[ShiftResult]:
+        """One :class:`ShiftResult` per spec, in order."""
+        return [
+            ShiftResult(
+                cell=_cat(self.cell[k], np.int32),
+                token=_cat(self.token[k], np.int32),
+                shift=_cat(self.shift[k], np.float32),
+                cell_mean=self.cell_mean[k],
+                cell_emb=self.cell_emb[k],
+                evaluated=self.evaluated[k],
+                cell_emb_mode=cell_emb_mode,
+            )
+            for k in range(len(self.cell))
+        ]
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _check_specs(model: nn.Module, specs: Sequence[PerturbSpec]) -> None:
+    if not specs:
+        raise ValueError("run_perturbations: no perturbation given.")
+    for s in specs:
+        if s.kind not in ("delete", "overexpress", "embedding"):
+            raise ValueError(f"kind: expected 'delete', 'overexpress' or 'embedding', got {s.kind!r}.")
+        if s.kind == "embedding" and not hasattr(model, "embed_tokens"):
+            raise TypeError(
+                f"A DNA-embedding perturbation needs a BioDTA model with `embed_tokens`, got {type(model).__name__}."
+            )
+
+
+def _overrides(specs: Sequence[PerturbSpec], dtype: torch.dtype, device: torch.device) -> list[dict | None]:
+    """``dna_overrides`` of each spec, as tensors on the device (None for token perturbations)."""
+    import torch
+
+    return [
+        None
+        if s.dna_override is None
+        else {int(s.token_id): torch.as_tensor(np.asarray(s.dna_override), dtype=dtype, device=device)}
+        for s in specs
+    ]
+
+
+#: What to change when the engine runs out of (non-CUDA) memory.
+ADVICE = (
+    "pass a smaller batch_size=, or fewer cells per call (dta.tl.screen with checkpoint_dir= runs a long screen in "
+    "resumable pieces)"
+)
 
 
 def run_perturbations(
@@ -233,7 +515,7 @@ def run_perturbations(
     Cells are processed longest first in batches padded to their longest member; a batch holds at
     most ``batch_size`` cells and is cut earlier where a cell is shorter than 90% (97% on the CPU) of
     its longest one, so padding never costs more than ~10% (3%). On CUDA out-of-memory the batch size is halved and the
-    run goes on.
+    run goes on; any other allocation failure raises a :class:`MemoryError` saying what to change.
 
     Parameters
     ----------
@@ -269,23 +551,18 @@ def run_perturbations(
     Returns
     -------
     One :class:`ShiftResult` per spec, in order.
+
+    Raises
+    ------
+    MemoryError
+        When an allocation fails on a device other than CUDA (see :func:`sc_dta.models._batches.is_memory_error`).
     """
     import torch
 
-    from sc_dta._utils import autocast, resolve_device
+    from sc_dta._utils import resolve_device
     from sc_dta.models._forward import contextual_embeddings, resolve_emb_layer
 
-    if forward is None:
-        forward = contextual_embeddings
-    if not specs:
-        raise ValueError("run_perturbations: no perturbation given.")
-    for s in specs:
-        if s.kind not in ("delete", "overexpress", "embedding"):
-            raise ValueError(f"kind: expected 'delete', 'overexpress' or 'embedding', got {s.kind!r}.")
-        if s.kind == "embedding" and not hasattr(model, "embed_tokens"):
-            raise TypeError(
-                f"A DNA-embedding perturbation needs a BioDTA model with `embed_tokens`, got {type(model).__name__}."
-            )
+    _check_specs(model, specs)
     if cell_emb not in ("auto", "cls", "mean"):
         raise ValueError(f"cell_emb: expected 'auto', 'cls' or 'mean', got {cell_emb!r}.")
     if overexpress_absent and max_length is None:
@@ -295,139 +572,38 @@ def run_perturbations(
     batch_size = settings.batch_size_cells if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}.")
-    special = np.asarray(sorted({int(i) for i in special_ids if i is not None}), dtype=np.int64)
-    max_len = int(max_length) if max_length is not None else 10**9
-
-    n_cells = len(cells)
-    cells = [np.asarray(c, dtype=np.int64) for c in cells]
-    # which cells each spec evaluates (the perturbed tokens themselves are built batch by batch)
-    evaluable = np.zeros((len(specs), n_cells), dtype=bool)
-    for k, s in enumerate(specs):
-        has = np.fromiter((bool(np.any(c == s.token_id)) for c in cells), dtype=bool, count=n_cells)
-        evaluable[k] = has | (s.kind == "overexpress" and overexpress_absent)
-    todo = np.flatnonzero(evaluable.any(axis=0))
-    lengths = np.array([len(cells[i]) for i in todo], dtype=np.int64)
-    order = todo[np.argsort(-lengths, kind="stable")]
-    sorted_lengths = np.sort(lengths)[::-1]
-
-    starts_with_cls = cls_id is not None and len(order) > 0 and all(cells[i][0] == cls_id for i in order)
-    if cell_emb == "cls" and not starts_with_cls:
-        raise ValueError("cell_emb='cls' needs every evaluated cell to start with the <cls> token.")
-    use_cls = cell_emb != "mean" and starts_with_cls
+    vocab = _Vocab(
+        special=np.asarray(sorted({int(i) for i in special_ids if i is not None}), dtype=np.int64),
+        pad_id=pad_id,
+        cls_id=cls_id,
+        eos_id=eos_id,
+        max_length=int(max_length) if max_length is not None else 10**9,
+    )
+    plan = _plan(
+        [np.asarray(c, dtype=np.int64) for c in cells],
+        specs,
+        cls_id=cls_id,
+        cell_emb=cell_emb,
+        overexpress_absent=overexpress_absent,
+    )
 
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
     if param is not None and param.device != device:
         model.to(device)
-
-    # outputs, per spec
-    out_cell: list[list[np.ndarray]] = [[] for _ in specs]
-    out_tok: list[list[np.ndarray]] = [[] for _ in specs]
-    out_shift: list[list[np.ndarray]] = [[] for _ in specs]
-    cell_mean = np.full((len(specs), n_cells), np.nan, dtype=np.float32)
-    cell_embs = np.full((len(specs), n_cells), np.nan, dtype=np.float32)
-    evaluated = np.zeros((len(specs), n_cells), dtype=bool)
-
-    overrides = [
-        None
-        if s.dna_override is None
-        else {
-            int(s.token_id): torch.as_tensor(
-                np.asarray(s.dna_override), dtype=param.dtype if param is not None else torch.float32, device=device
-            )
-        }
-        for s in specs
-    ]
-
-    def fwd(ids_np: np.ndarray, mask_np: np.ndarray, override: dict | None) -> torch.Tensor:
-        ids = torch.from_numpy(ids_np).to(device)
-        mask = torch.from_numpy(mask_np).to(device)
-        with autocast(device):
-            embeds = None
-            if override is not None:
-                embeds = model.embed_tokens(ids, dna_overrides=override)
-            return forward(model, ids, mask, inputs_embeds=embeds, emb_layer=emb_layer)
-
-    def process(batch: np.ndarray) -> list[tuple]:
-        ids0, mask0 = pad_tokens([cells[i] for i in batch], pad_id)
-        h0 = fwd(ids0, mask0, None)
-        results = []
-        for k, s in enumerate(specs):
-            rows = [
-                (j, perturb_tokens(cells[i], s, special_ids=special, cls_id=cls_id, eos_id=eos_id, max_length=max_len))
-                for j, i in enumerate(batch)
-                if evaluable[k, i]
-            ]
-            # a cell whose only gene token is the perturbed one has no affected gene: not evaluated
-            rows = [r for r in rows if r[1] is not None and len(r[1][1])]
-            if not rows:
-                results.append(None)
-                continue
-            ids1, mask1 = pad_tokens([r[1][0] for r in rows], pad_id)
-            h1 = fwd(ids1, mask1, overrides[k])
-            b0 = np.concatenate([np.full(len(r[1][1]), r[0]) for r in rows]).astype(np.int64)
-            b1 = np.concatenate([np.full(len(r[1][1]), j) for j, r in enumerate(rows)]).astype(np.int64)
-            p0 = np.concatenate([r[1][1] for r in rows]).astype(np.int64)
-            p1 = np.concatenate([r[1][2] for r in rows]).astype(np.int64)
-            tb0, tb1 = torch.from_numpy(b0).to(device), torch.from_numpy(b1).to(device)
-            a = h0[tb0, torch.from_numpy(p0).to(device)].float()
-            c = h1[tb1, torch.from_numpy(p1).to(device)].float()
-            shift = 1.0 - torch.nn.functional.cosine_similarity(a, c, dim=-1)
-            n_rows = len(rows)
-            counts = torch.bincount(tb1, minlength=n_rows).float()
-            mean_shift = torch.zeros(n_rows, device=device).index_add_(0, tb1, shift) / counts
-            if use_cls:
-                e0 = h0[torch.tensor([r[0] for r in rows], device=device), 0].float()
-                e1 = h1[:, 0].float()
-            else:
-                e0 = torch.zeros(n_rows, a.shape[1], device=device).index_add_(0, tb1, a) / counts[:, None]
-                e1 = torch.zeros(n_rows, c.shape[1], device=device).index_add_(0, tb1, c) / counts[:, None]
-            emb_shift = 1.0 - torch.nn.functional.cosine_similarity(e0, e1, dim=-1)
-            toks = np.asarray(ids0[b0, p0])
-            results.append(
-                (
-                    np.asarray(batch)[b0],
-                    toks,
-                    shift.cpu().numpy(),
-                    np.asarray([batch[r[0]] for r in rows]),
-                    mean_shift.cpu().numpy(),
-                    emb_shift.cpu().numpy(),
-                )
-            )
-        return results
-
+    overrides = _overrides(specs, param.dtype if param is not None else torch.float32, device)
+    run_batch = _Batch(
+        plan, specs, vocab, _Forward(model, device, forward or contextual_embeddings, emb_layer), overrides
+    )
+    collect = _Collector(len(specs), len(plan.cells))
     try:
-        for _, results in length_sorted_batches(order, sorted_lengths, batch_size, device, process, desc=desc):
+        for _, results in length_sorted_batches(
+            plan.order, plan.sorted_lengths, batch_size, device, run_batch, desc=desc, min_fill=MIN_FILL, advice=ADVICE
+        ):
             for k, res in enumerate(results):
-                if res is None:
-                    continue
-                rc, toks, sh, ec, ms, es = res
-                out_cell[k].append(rc.astype(np.int32))
-                out_tok[k].append(toks.astype(np.int32))
-                out_shift[k].append(sh)
-                cell_mean[k, ec] = ms
-                cell_embs[k, ec] = es
-                evaluated[k, ec] = True
+                if res is not None:
+                    collect.add(k, res)
     finally:
         model.train(was_training)
-
-    mode = "cls" if use_cls else "mean"
-    final = []
-    for k in range(len(specs)):
-        final.append(
-            ShiftResult(
-                cell=_cat(out_cell[k], np.int32),
-                token=_cat(out_tok[k], np.int32),
-                shift=_cat(out_shift[k], np.float32),
-                cell_mean=cell_mean[k],
-                cell_emb=cell_embs[k],
-                evaluated=evaluated[k],
-                cell_emb_mode=mode,
-            )
-        )
-    return final
-
-
-def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+    return collect.results(plan.cell_emb_mode)
