@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import test_perturb  # noqa: E402
-from test_cli import _one_line_error  # noqa: E402
+from test_cli import _help_entries, _one_line_error  # noqa: E402
 
 import sc_dta as dta  # noqa: E402
 from sc_dta.cli import main  # noqa: E402
@@ -298,6 +298,16 @@ def test_world_size_one_runs_without_a_group(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(CLIError, match="RANK='x' is not an integer"), _process_group("cpu"):
         pass
+
+
+def test_help_states_each_default_once(capsys):
+    assert main(["screen", "--help"]) == 0
+    entries = _help_entries(capsys.readouterr().out)
+    assert any(e.startswith("--perturbations") for e in entries)
+    for entry in entries:
+        assert entry.lower().count("default") <= 1, entry
+        assert "(default: None)" not in entry and "(default: False)" not in entry, entry
+    assert next(e for e in entries if e.startswith("--chunk-size")).endswith("(default: 32)")
 
 
 def test_python_m_screen_help():
