@@ -59,7 +59,10 @@ class _Recorder:
 
     def __getitem__(self, index):
         rows = index[0] if isinstance(index, tuple) else index
-        self.reads.append((rows.start or 0, rows.stop if rows.stop is not None else self.shape[0]))
+        if isinstance(rows, slice):
+            self.reads.append((rows.start or 0, rows.stop if rows.stop is not None else self.shape[0]))
+        else:
+            self.reads.append(list(rows))
         return self.X[index]
 
 
@@ -89,6 +92,12 @@ def test_row_chunks_of_a_backed_matrix_equal_the_matrix(fmt, tmp_path):
             assert all(stop - start <= 4 for start, stop in rec.reads)
     # only the row ranges holding selected cells were read: 0-1, 7, 8-9, 20-22
     assert rec.reads == [(0, 2), (7, 8), (8, 10), (20, 23)] or fmt == "csc"
+    # two cells of a 20-row range: read one by one, not the range
+    rec.reads.clear()
+    (chunk,) = _chunks.iter_row_chunks(rec, 23, rows=[1, 17], chunk_size=20)
+    got = sp.csr_matrix((chunk.data, chunk.indices, chunk.indptr), shape=(2, 40))
+    np.testing.assert_array_equal(got.toarray(), x[[1, 17]])
+    assert rec.reads == [[1, 17]] or fmt == "csc"
     backed.file.close()
 
 

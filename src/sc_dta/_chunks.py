@@ -44,6 +44,10 @@ __all__ = ["CHUNK_SIZE", "RowChunk", "cells_mask", "chunk_size_or_default", "cou
 #: slower, as the sorts leave the CPU caches).
 CHUNK_SIZE = 2048
 
+#: A backed range of rows holding fewer than 1 / SPARSE_SELECTION selected rows is read row by row (one read per
+#: selected row) instead of as one slice.
+SPARSE_SELECTION = 8
+
 #: Stored entries per block of columns when rows are cut out of a backed CSC matrix.
 CSC_BLOCK_ENTRIES = 1 << 22
 
@@ -171,6 +175,14 @@ def _read_rows(X: Any, start: int, stop: int) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(block))
 
 
+def _read_selected(X: Any, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows ``rows`` (increasing) of a backed CSR or dense matrix, as CSR."""
+    block = X[rows]
+    if isinstance(block, sp.spmatrix | sp.sparray):
+        return sp.csr_matrix(block)
+    return sp.csr_matrix(np.asarray(block))
+
+
 def _backed_csc_rows(X: Any, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of a backed CSC matrix, read in blocks of columns of bounded size."""
     n_vars = int(X.shape[1])
@@ -212,7 +224,8 @@ def iter_row_chunks(
     n_obs
         Number of rows of ``X``.
     rows
-        Increasing row positions to read (default all rows). Only the row ranges holding them are read.
+        Increasing row positions to read (default all rows). Only the row ranges of ``chunk_size`` rows holding
+        them are read; from a backed CSR or dense matrix, a range holding few of them is read row by row.
     chunk_size
         Rows of the matrix per read (default :data:`CHUNK_SIZE`).
     desc
@@ -245,4 +258,7 @@ def iter_row_chunks(
             else:
                 yield _chunk(sp.csr_matrix(X[sel]), chunk_rows, None)
             continue
-        yield _chunk(_read_rows(X, start, stop), chunk_rows, local)
+        if local is not None and getattr(X, "format", None) != "csc" and SPARSE_SELECTION * sel.size <= stop - start:
+            yield _chunk(_read_selected(X, sel), chunk_rows, None)  # a few rows of a long range: read just those
+        else:
+            yield _chunk(_read_rows(X, start, stop), chunk_rows, local)
