@@ -153,6 +153,11 @@ def launch(procs: int, args: argparse.Namespace, directory: Path) -> dict:
     return report
 
 
+def _screen_seconds(report: dict) -> float:
+    """The screen's time: the slowest process's (they start together after a barrier)."""
+    return max(rank["seconds"] for rank in report["ranks"])
+
+
 def main() -> None:
     """Run the launches and print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +171,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the counts and the weights")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved launches per process count (best is shown)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -175,20 +181,26 @@ def main() -> None:
     print(
         f"screen: {args.cells} cells, {args.k} deletions, {args.layers} layers, hidden {args.hidden}, "
         f"{args.max_length} tokens, readout {args.readout}, batch {args.batch_size}; 1 thread per process; "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs; best of {args.repeats} interleaved launch(es)"
     )
+    best: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        reports = [launch(n, args, Path(tmp)) for n in args.procs]
+        for _ in range(args.repeats):  # interleaved, so that a change of the machine's load hits every N alike
+            for n in args.procs:
+                r = launch(n, args, Path(tmp))
+                if n not in best or _screen_seconds(r) < _screen_seconds(best[n]):
+                    best[n] = r
+    reports = [best[n] for n in args.procs]
     base = reports[0]
     print(
         f"\n{'procs':>5} {'screen s':>9} {'cells/s':>8} {'cell-pert/s':>11} {'speed-up':>8} {'launch s':>8} "
         f"{'RSS/proc MiB (before→peak)':>28} {'RSS sum MiB':>11} {'max |ΔX|':>9} {'load before→after':>18}"
     )
     for r in reports:
-        seconds = max(rank["seconds"] for rank in r["ranks"])
+        seconds = _screen_seconds(r)
         per = ", ".join(f"{rank['rss_before_mib']:.0f}→{rank['rss_peak_mib']:.0f}" for rank in r["ranks"])
         total = sum(rank["rss_peak_mib"] for rank in r["ranks"])
-        base_seconds = max(rank["seconds"] for rank in base["ranks"])
+        base_seconds = _screen_seconds(base)
         with np.errstate(invalid="ignore"):
             diff = float(np.nanmax(np.abs(r["x"] - base["x"])))
         load = f"{r['load_before'][0]:.2f}→{r['load_after'][0]:.2f}"

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -459,7 +460,8 @@ def _process_group(device: str | None) -> Iterator[_Process]:
     """Initialise the ``torch.distributed`` group of a ``torchrun`` launch (WORLD_SIZE > 1) and destroy it after.
 
     NCCL when the device is CUDA (each process on ``cuda:LOCAL_RANK``), else gloo. Only rank 0 logs below
-    ERROR and draws progress bars. A group initialised by the caller is used as it is and left alone.
+    ERROR, shows warnings and draws progress bars. A group initialised by the caller is used as it is and left
+    alone.
     """
     size, rank, local_rank = _world()
     if size <= 1:
@@ -485,12 +487,14 @@ def _process_group(device: str | None) -> Iterator[_Process]:
             raise CLIError(f"cannot initialise the {backend} process group ({type(e).__name__}: {_message(e)}).") from e
     log = logging.getLogger("sc_dta")
     level, progress = log.level, settings.progress
-    if rank != 0:
-        log.setLevel(logging.ERROR)
-        settings.progress = False
     try:
-        logger.info("process group: %s, %d processes, rank %d on %s", backend, size, rank, device)
-        yield _Process(size, rank, device)
+        with warnings.catch_warnings():
+            if rank != 0:  # the same warnings, log records and bars as rank 0's: shown once
+                warnings.simplefilter("ignore")
+                log.setLevel(logging.ERROR)
+                settings.progress = False
+            logger.info("process group: %s, %d processes, rank %d on %s", backend, size, rank, device)
+            yield _Process(size, rank, device)
     finally:
         log.setLevel(level)
         settings.progress = progress
