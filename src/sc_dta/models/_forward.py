@@ -8,9 +8,11 @@ are never evaluated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["backbone_bert", "contextual_embeddings", "n_layers", "resolve_emb_layer"]
@@ -93,6 +95,116 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     return mask[:, None, None, :]
 
 
+@dataclass(frozen=True)
+class _Attention:
+    """How the encoder layers of one batch attend: built once per batch, shared by every layer.
+
+    ``lengths`` (right-padded batch): each sequence attends over its own real tokens only, one SDPA call per
+    sequence without a mask, so padded keys and queries cost nothing. ``mask``: a (batch, 1, 1, seq) additive mask
+    for one masked SDPA call (padding that is not at the right end). Neither: no padding, one unmasked call.
+    """
+
+    lengths: tuple[int, ...] | None = None
+    mask: torch.Tensor | None = None
+
+
+def _attention_plan(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> _Attention:
+    """Per-sequence lengths for a right-padded batch, else an additive mask (None without padding)."""
+    if attention_mask is None:
+        return _Attention()
+    keep = attention_mask.to(torch.bool)
+    if keep.ndim != 2:
+        raise ValueError(f"attention_mask: expected (batch, seq), got shape {tuple(attention_mask.shape)}.")
+    if bool(keep.all()):
+        return _Attention()
+    lengths = keep.sum(dim=1)
+    positions = torch.arange(keep.shape[1], device=keep.device)
+    if bool(torch.equal(keep, positions[None, :] < lengths[:, None])) and bool((lengths > 0).all()):
+        return _Attention(lengths=tuple(int(n) for n in lengths.tolist()))
+    return _Attention(mask=_additive_mask(attention_mask, dtype))
+
+
+def _fast_layers(bert: nn.Module) -> bool:
+    """Whether :func:`_bert_layer` can evaluate every encoder layer of ``bert``.
+
+    True for plain (absolute-position, non-decoder) ``transformers`` BERT layers in eval mode; anything else runs
+    through the layer modules themselves.
+    """
+    for layer in bert.encoder.layer:
+        attention = getattr(layer, "attention", None)
+        sa = getattr(attention, "self", None)
+        if (
+            layer.training
+            or getattr(layer, "is_decoder", True)
+            or not all(isinstance(getattr(sa, k, None), nn.Linear) for k in ("query", "key", "value"))
+            or getattr(sa, "position_embedding_type", None) != "absolute"
+            or not isinstance(getattr(getattr(attention, "output", None), "dense", None), nn.Linear)
+            or not isinstance(getattr(getattr(layer, "intermediate", None), "dense", None), nn.Linear)
+            or not isinstance(getattr(getattr(layer, "output", None), "dense", None), nn.Linear)
+        ):
+            return False
+    return True
+
+
+def _bert_layer(layer: nn.Module, hidden: torch.Tensor, attend: _Attention) -> torch.Tensor:
+    """Evaluate one ``transformers`` ``BertLayer`` in eval mode.
+
+    The query, key and value projections run as one matrix product and scaled-dot-product attention is called
+    directly (see :class:`_Attention` for padding).
+    """
+    sa = layer.attention.self
+    batch, seq, _ = hidden.shape
+    heads, head_dim = sa.num_attention_heads, sa.attention_head_size
+    width = heads * head_dim
+    weight = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
+    bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+    # (batch, seq, 3 * width) -> three (batch, heads, seq, head_dim) views
+    q, k, v = F.linear(hidden, weight, bias).view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    if attend.lengths is None:
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.mask)
+        context = context.transpose(1, 2).reshape(batch, seq, width)
+    else:
+        context = hidden.new_zeros(batch, seq, width)
+        for i, n in enumerate(attend.lengths):
+            part = F.scaled_dot_product_attention(q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n])
+            context[i, :n] = part[0].transpose(0, 1).reshape(n, width)
+    out = layer.attention.output
+    hidden = out.LayerNorm(out.dense(context) + hidden)
+    inter = layer.intermediate
+    out = layer.output
+    return out.LayerNorm(out.dense(inter.intermediate_act_fn(inter.dense(hidden))) + hidden)
+
+
+def _encode(bert: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, n_run: int) -> torch.Tensor:
+    """Run the first ``n_run`` encoder layers of ``bert`` on the embedding output ``hidden``."""
+    layers = bert.encoder.layer[:n_run]
+    if n_run and _fast_layers(bert):
+        attend = _attention_plan(attention_mask, hidden.dtype)
+        for layer in layers:
+            hidden = _bert_layer(layer, hidden, attend)
+        return hidden
+    mask = _additive_mask(attention_mask, hidden.dtype)
+    for layer in layers:
+        out: Any = layer(hidden, attention_mask=mask)
+        hidden = out[0] if isinstance(out, tuple | list) else out
+    return hidden
+
+
+def _embed(
+    model: nn.Module, bert: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """Embedding output: a BioDTA's dynamic token embedding, ``inputs_embeds`` or the word-embedding lookup."""
+    if inputs_embeds is None:
+        if input_ids is None:
+            raise ValueError("contextual_embeddings: pass input_ids or inputs_embeds.")
+        embed_tokens = getattr(model, "embed_tokens", None)
+        if embed_tokens is not None and hasattr(model, "backbone"):
+            inputs_embeds = embed_tokens(input_ids)
+    if inputs_embeds is not None:
+        return bert.embeddings(inputs_embeds=inputs_embeds)
+    return bert.embeddings(input_ids=input_ids)
+
+
 def contextual_embeddings(
     model: nn.Module,
     input_ids: torch.Tensor | None,
@@ -105,6 +217,13 @@ def contextual_embeddings(
 
     Equal to ``model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
     .hidden_states[n_layers + emb_layer]`` at the non-padded positions, at a fraction of the cost.
+
+    For plain ``transformers`` BERT layers in eval mode the layers are evaluated here rather than through their
+    modules: the query, key and value projections run as one matrix product, attention is
+    :func:`torch.nn.functional.scaled_dot_product_attention` whatever the model's ``attn_implementation`` (eager
+    attention gives the same values to float rounding), and in a right-padded batch each sequence attends over its
+    own tokens only (no mask, no work on padded keys). Float32 results equal the SDPA model's hidden states exactly
+    for unpadded sequences.
 
     Parameters
     ----------
@@ -129,21 +248,8 @@ def contextual_embeddings(
     """
     bert = backbone_bert(model)
     n_run = resolve_emb_layer(model, emb_layer)
-    if inputs_embeds is None:
-        if input_ids is None:
-            raise ValueError("contextual_embeddings: pass input_ids or inputs_embeds.")
-        embed_tokens = getattr(model, "embed_tokens", None)
-        if embed_tokens is not None and hasattr(model, "backbone"):
-            inputs_embeds = embed_tokens(input_ids)
-    if inputs_embeds is not None:
-        hidden = bert.embeddings(inputs_embeds=inputs_embeds)
-    else:
-        hidden = bert.embeddings(input_ids=input_ids)
-    mask = _additive_mask(attention_mask, hidden.dtype)
-    for layer in bert.encoder.layer[:n_run]:
-        out: Any = layer(hidden, attention_mask=mask)
-        hidden = out[0] if isinstance(out, tuple | list) else out
-    return hidden
+    hidden = _embed(model, bert, input_ids, inputs_embeds)
+    return _encode(bert, hidden, attention_mask, n_run)
 
 
 def masked_log_probs(
@@ -182,16 +288,10 @@ def masked_log_probs(
     inner = getattr(model, "backbone", model)
     if not hasattr(inner, "cls"):
         raise TypeError(f"model: a masked-LM readout needs a BertForMaskedLM head, got {type(inner).__name__}.")
-    if inputs_embeds is None and hasattr(model, "embed_tokens") and hasattr(model, "backbone"):
-        inputs_embeds = model.embed_tokens(input_ids)
     bert = backbone_bert(model)
-    if inputs_embeds is not None:
-        out = bert(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=False, return_dict=True
-        )
-    else:
-        out = bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False, return_dict=True)
-    logits = inner.cls(out.last_hidden_state[select]).float()
+    hidden = _embed(model, bert, input_ids, inputs_embeds)
+    hidden = _encode(bert, hidden, attention_mask, len(bert.encoder.layer))
+    logits = inner.cls(hidden[select]).float()
     if exclude is not None:
         logits = logits.masked_fill(exclude[None, : logits.shape[1]], float("-inf"))
     return torch.log_softmax(logits, dim=-1)
