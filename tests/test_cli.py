@@ -18,7 +18,18 @@ from _sim_files import canonical_tss as _canonical_tss
 from _sim_files import read_fasta as _read_fasta
 from _sim_files import revcomp as _revcomp
 
-SUBCOMMANDS = ["demo", "annotate-tss", "embed-dna", "train", "perturb-tss", "perturb-gene", "rank", "plot", "prefetch"]
+SUBCOMMANDS = [
+    "demo",
+    "annotate-tss",
+    "embed-dna",
+    "train",
+    "perturb-tss",
+    "perturb-gene",
+    "screen",
+    "rank",
+    "plot",
+    "prefetch",
+]
 
 
 def _kmer_spectrum(seq: str, k: int = 4) -> np.ndarray:
