@@ -79,7 +79,7 @@ def is_memory_error(err: BaseException) -> bool:
 
 
 def host_memory_error(
-    err: BaseException, device: torch.device, lengths: np.ndarray, *, what: str = "cells", advice: str = DEFAULT_ADVICE
+    err: BaseException, device: torch.device, lengths: np.ndarray, *, what: str = "cell", advice: str = DEFAULT_ADVICE
 ) -> MemoryError:
     """Return the :class:`MemoryError` to raise (``from err``) for an allocation failure while running a batch.
 
@@ -92,14 +92,14 @@ def host_memory_error(
     lengths
         Token count of each sequence of the batch.
     what
-        What the sequences are (``"cells"``).
+        What one sequence is (``"cell"``; an ``s`` is added for several).
     advice
         What the caller can change, e.g. ``"pass a smaller batch_size="``.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     longest = int(lengths.max()) if lengths.size else 0
     return MemoryError(
-        f"Out of memory on {device} running a batch of {lengths.size} {what} of up to {longest} tokens "
+        f"Out of memory on {device} running a batch of {lengths.size} {what}{'s' * (lengths.size != 1)} of up to {longest} tokens "
         f"({int(lengths.sum())} tokens in all; {lengths.size * longest} padded): {type(err).__name__}: {err}. "
         f"Not retried on {device.type!r} (only CUDA out-of-memory halves the batch); {advice}."
     )
