@@ -116,7 +116,8 @@ def train_worker(rank: int, world_size: int, store: str, out: str, kwargs: dict)
 
         dta.settings.progress = False
         adata, model, train_kwargs = train_inputs(**kwargs.get("inputs", {}))
-        output_dir = Path(out) / "run"
+        # own_dirs: each process its own output_dir, as on nodes that share no file system
+        output_dir = Path(out) / (f"run{rank}" if kwargs.get("own_dirs") else "run")
         stop = kwargs.get("stop_after_steps")
         if stop is not None:
             try:
@@ -125,7 +126,9 @@ def train_worker(rank: int, world_size: int, store: str, out: str, kwargs: dict)
                 pass
             else:
                 raise AssertionError("the run was not interrupted")
-            written = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*"))
+            written = (
+                sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*")) if output_dir.exists() else []
+            )
             adata, model, train_kwargs = train_inputs(**kwargs.get("inputs", {}))  # a new session
         bio = dta.tl.train_adapter(adata, model, output_dir=output_dir, resume=stop is not None, **train_kwargs)
         rec = adata.uns["train_adapter"]

@@ -148,13 +148,16 @@ def test_train_adapter_two_gloo_processes_equal_one(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:train_adapter. the model learned no gene-gene dependencies")
 def test_train_adapter_two_processes_interrupted_and_resumed(tmp_path):
-    """Rank 0 alone writes the checkpoint; both processes resume from it and end where one uninterrupted process
-    ends (frozen backbone: the adapter alone trains)."""
+    """Rank 0 alone writes checkpoints; both processes resume from rank 0's and end where one uninterrupted process
+    ends (frozen backbone: the adapter alone trains). Each process has its own output_dir, as on nodes without a
+    shared file system: rank 1's stays empty, and it gets the checkpoint's state and weights from rank 0."""
     inputs = {"freeze_backbone": True, "lr": 2e-2}
-    _spawn(train_worker, tmp_path, {"inputs": inputs, "stop_after_steps": 5})
+    _spawn(train_worker, tmp_path, {"inputs": inputs, "stop_after_steps": 5, "own_dirs": True})
     ranks = _load(tmp_path)
     assert "checkpoint/trainer_state.pt" in ranks[0]["written_at_interrupt"]
     assert not any(p.startswith("checkpoint.tmp") for p in ranks[0]["written_at_interrupt"])
+    assert ranks[1]["written_at_interrupt"] == [] and not (tmp_path / "run1").exists()
+    assert (tmp_path / "run0" / "model").is_dir()
     adata, model, kwargs = train_inputs(**inputs)
     bio = dta.tl.train_adapter(adata, model, **kwargs)
     one_weights = {k: v.detach().clone() for k, v in bio.state_dict().items()}

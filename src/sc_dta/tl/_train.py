@@ -327,9 +327,10 @@ def train_adapter(
         val_batches = masked_batches(seqs, lengths, val_cells, batch_size, held_out_masker, seed)
 
         progress_state = Progress()
-        if state is not None and (dist.main or (ckpt / ckpt_io.MODEL_DIR).is_dir()):
-            # without the folder, a process gets the main process's weights when DDP is built (in the Trainer)
-            ckpt_io.load_checkpoint_weights(bio, ckpt / ckpt_io.MODEL_DIR)
+        if state is not None:
+            if dist.main or (ckpt / ckpt_io.MODEL_DIR).is_dir():
+                # without the folder, a process gets the main process's weights when DDP is built (in the Trainer)
+                ckpt_io.load_checkpoint_weights(bio, ckpt / ckpt_io.MODEL_DIR)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             ckpt_io.set_rng_state(state["rng"], mask_gen, cuda_devices)

@@ -8,6 +8,7 @@ Pieces: :class:`Masker` (BERT masking of gene tokens), :func:`length_grouped_bat
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -192,7 +193,12 @@ def data_parallel(bio: BioDTA, device: torch.device):
     ids = None
     if device.type == "cuda":
         ids = [device.index if device.index is not None else torch.cuda.current_device()]
-    return DistributedDataParallel(MaskedLMLoss(bio), device_ids=ids, broadcast_buffers=False)
+    # buffers synced once, at construction, not at every forward (torch >= 2.13 names it forward_sync_buffers)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        no_forward_sync = {"forward_sync_buffers": False}
+    else:  # pragma: no cover - torch < 2.13
+        no_forward_sync = {"broadcast_buffers": False}
+    return DistributedDataParallel(MaskedLMLoss(bio), device_ids=ids, **no_forward_sync)
 
 
 def train_mode(bio: BioDTA, freeze_backbone: bool) -> None:
