@@ -8,6 +8,7 @@ are never evaluated.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -108,8 +109,13 @@ class _Attention:
     mask: torch.Tensor | None = None
 
 
+#: A right-padded batch attends sequence by sequence when that skips at least this fraction of the attention work
+#: (below it, one masked call: fewer operators, which matters more on a CPU shared with other work).
+PER_SEQUENCE_MIN_SAVING = 0.2
+
+
 def _attention_plan(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> _Attention:
-    """Per-sequence lengths for a right-padded batch, else an additive mask (None without padding)."""
+    """Per-sequence lengths for a right-padded batch with enough padding, else an additive mask (None: no padding)."""
     if attention_mask is None:
         return _Attention()
     keep = attention_mask.to(torch.bool)
@@ -119,8 +125,10 @@ def _attention_plan(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> 
         return _Attention()
     lengths = keep.sum(dim=1)
     positions = torch.arange(keep.shape[1], device=keep.device)
-    if bool(torch.equal(keep, positions[None, :] < lengths[:, None])) and bool((lengths > 0).all()):
-        return _Attention(lengths=tuple(int(n) for n in lengths.tolist()))
+    right_padded = bool(torch.equal(keep, positions[None, :] < lengths[:, None])) and bool((lengths > 0).all())
+    n = lengths.tolist()
+    if right_padded and sum(x * x for x in n) <= (1 - PER_SEQUENCE_MIN_SAVING) * len(n) * keep.shape[1] ** 2:
+        return _Attention(lengths=tuple(int(x) for x in n))
     return _Attention(mask=_additive_mask(attention_mask, dtype))
 
 
@@ -137,6 +145,7 @@ def _fast_layers(bert: nn.Module) -> bool:
             layer.training
             or getattr(layer, "is_decoder", True)
             or not all(isinstance(getattr(sa, k, None), nn.Linear) for k in ("query", "key", "value"))
+            or any(getattr(sa, k).bias is None for k in ("query", "key", "value"))
             or getattr(sa, "position_embedding_type", None) != "absolute"
             or not isinstance(getattr(getattr(attention, "output", None), "dense", None), nn.Linear)
             or not isinstance(getattr(getattr(layer, "intermediate", None), "dense", None), nn.Linear)
@@ -144,6 +153,30 @@ def _fast_layers(bert: nn.Module) -> bool:
         ):
             return False
     return True
+
+
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused_qkv(sa: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the query, key and value projections of ``sa`` as one weight and one bias.
+
+    Without autograd the concatenation (3 x hidden^2 values per layer) is cached per module and rebuilt when any of the six tensors changes
+    (another tensor, or an in-place update such as an optimiser step); with autograd it is rebuilt at each call so
+    that gradients reach the parameters.
+    """
+    parts = [sa.query.weight, sa.key.weight, sa.value.weight, sa.query.bias, sa.key.bias, sa.value.bias]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in parts):
+        return torch.cat(parts[:3]), torch.cat(parts[3:])
+    try:
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in parts)
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return torch.cat(parts[:3]), torch.cat(parts[3:])
+    hit = _FUSED.get(sa)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.cat(parts[:3]), torch.cat(parts[3:]))
+        _FUSED[sa] = hit
+    return hit[1], hit[2]
 
 
 def _bert_layer(layer: nn.Module, hidden: torch.Tensor, attend: _Attention) -> torch.Tensor:
@@ -156,8 +189,7 @@ def _bert_layer(layer: nn.Module, hidden: torch.Tensor, attend: _Attention) -> t
     batch, seq, _ = hidden.shape
     heads, head_dim = sa.num_attention_heads, sa.attention_head_size
     width = heads * head_dim
-    weight = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
-    bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+    weight, bias = _fused_qkv(sa)
     # (batch, seq, 3 * width) -> three (batch, heads, seq, head_dim) views
     q, k, v = F.linear(hidden, weight, bias).view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     if attend.lengths is None:
