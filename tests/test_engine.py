@@ -20,9 +20,9 @@ from sc_dta.models._expression_readout import run_expression_readout  # noqa: E4
 from sc_dta.models._forward import contextual_embeddings  # noqa: E402
 from sc_dta.models._perturb_engine import (  # noqa: E402
     PerturbSpec,
-    _holds,
     _plan,
     _Vocab,
+    holds_tokens,
     perturb_tokens,
     perturbed_batch,
     run_perturbations,
@@ -72,10 +72,10 @@ def test_holds_matches_a_loop_over_cells():
     rng = np.random.default_rng(0)
     cells = [rng.integers(0, 30, int(n)) for n in rng.integers(0, 12, 25)]
     tokens = np.asarray([3, 7, 3, 29, 31, 0], dtype=np.int64)  # repeated, absent everywhere (31), present
-    got = _holds(cells, tokens)
+    got = holds_tokens(cells, tokens)
     want = np.asarray([[bool(np.any(c == t)) for c in cells] for t in tokens])
     np.testing.assert_array_equal(got, want)
-    assert _holds([], tokens).shape == (len(tokens), 0)
+    assert holds_tokens([], tokens).shape == (len(tokens), 0)
 
 
 def test_plan_orders_evaluable_cells_longest_first(setup):

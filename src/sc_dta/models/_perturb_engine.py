@@ -192,7 +192,7 @@ class _Plan:
         return "cls" if self.use_cls else "mean"
 
 
-def _holds(cells: list[np.ndarray], token_ids: np.ndarray) -> np.ndarray:
+def holds_tokens(cells: list[np.ndarray], token_ids: np.ndarray) -> np.ndarray:
     """``(len(token_ids), len(cells))``: whether each cell holds each token (one pass over all tokens)."""
     uniq, index = np.unique(token_ids, return_inverse=True)
     out = np.zeros((len(uniq), len(cells)), dtype=bool)
@@ -215,7 +215,7 @@ def _plan(
     overexpress_absent: bool,
 ) -> _Plan:
     """Return the :class:`_Plan` of a run (raises if ``cell_emb="cls"`` cannot be honoured)."""
-    evaluable = _holds(cells, np.asarray([int(s.token_id) for s in specs], dtype=np.int64))
+    evaluable = holds_tokens(cells, np.asarray([int(s.token_id) for s in specs], dtype=np.int64))
     if overexpress_absent:
         evaluable[[k for k, s in enumerate(specs) if s.kind == "overexpress"]] = True
     todo = np.flatnonzero(evaluable.any(axis=0))
@@ -485,10 +485,10 @@ def _overrides(specs: Sequence[PerturbSpec], dtype: torch.dtype, device: torch.d
     ]
 
 
-#: What to change when the engine runs out of (non-CUDA) memory.
+#: What to change when the engine runs out of (non-CUDA) memory (formatted with the batch size).
 ADVICE = (
-    "pass a smaller batch_size=, or fewer cells per call (dta.tl.screen with checkpoint_dir= runs a long screen in "
-    "resumable pieces)"
+    "pass a smaller batch_size= (now {batch_size}), or fewer cells per call (dta.tl.screen with checkpoint_dir= runs "
+    "a long screen in resumable pieces)"
 )
 
 
@@ -599,7 +599,14 @@ def run_perturbations(
     collect = _Collector(len(specs), len(plan.cells))
     try:
         for _, results in length_sorted_batches(
-            plan.order, plan.sorted_lengths, batch_size, device, run_batch, desc=desc, min_fill=MIN_FILL, advice=ADVICE
+            plan.order,
+            plan.sorted_lengths,
+            batch_size,
+            device,
+            run_batch,
+            desc=desc,
+            min_fill=MIN_FILL,
+            advice=ADVICE.format(batch_size=batch_size),
         ):
             for k, res in enumerate(results):
                 if res is not None:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from sc_dta._distributed import Distributed
 from sc_dta._utils import get_anndata
-from sc_dta.models._perturb_engine import KINDS, PerturbSpec, run_perturbations
+from sc_dta.models._perturb_engine import KINDS, PerturbSpec, holds_tokens, run_perturbations
 from sc_dta.tl._perturb import (
     _as_encoder,
     _as_model,
@@ -666,9 +666,8 @@ def _evaluate(
     for i in chunk:
         if i not in todo:
             logger.warning("screen: %r is in none of the selected cells' tokens; its row is NaN.", table[i].gene)
-    local = [
-        i for i in todo if run.cells and (i in inserted or any(bool(np.any(c == specs[i].token_id)) for c in run.cells))
-    ]
+    held = holds_tokens(run.cells, np.asarray([specs[i].token_id for i in todo], dtype=np.int64)).any(axis=1)
+    local = [i for i, h in zip(todo, held, strict=True) if run.cells and (i in inserted or h)]
     for i in chunk:
         if i not in local:  # absent everywhere, or from this process's cells
             yield i, *_empty(run)
