@@ -17,7 +17,7 @@ import pandas as pd
 
 from sc_dta._distributed import Distributed
 from sc_dta._utils import get_anndata
-from sc_dta.models._perturb_engine import KINDS, PerturbSpec, holds_tokens, run_perturbations
+from sc_dta.models._perturb_engine import KINDS, PerturbSpec, run_perturbations
 from sc_dta.tl._perturb import (
     _as_encoder,
     _as_model,
@@ -661,6 +661,8 @@ def _evaluate(
     device: Any,
 ) -> Iterable[tuple[int, Any, dict, dict]]:
     """Yield ``(perturbation index, layer, obs, var)`` as :func:`perturb_gene` would assemble them."""
+    from sc_dta.models._perturb_engine import holds_tokens
+
     inserted = {i for i in chunk if insert and specs[i].kind == "overexpress"}  # evaluated where absent too
     todo = [i for i in chunk if present[specs[i].token_id] or i in inserted]
     for i in chunk:
