@@ -113,6 +113,29 @@ def test_chunk_size_is_validated_and_defaults_to_the_module_value(monkeypatch):
         list(_chunks.iter_row_chunks(sp.csr_matrix((5, 3)), 5, rows=[3, 1]))
 
 
+def test_free_memory_is_released_between_chunks(monkeypatch):
+    x = sp.random(30, 6, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    calls = []
+    monkeypatch.setattr(_chunks, "release_free_memory", lambda: calls.append(1))
+    chunks = list(_chunks.iter_row_chunks(x, 30, chunk_size=2))
+    assert len(chunks) == 15 and len(calls) == (15 - 1) // _chunks.TRIM_EVERY
+    got = sp.vstack([sp.csr_matrix((c.data, c.indices, c.indptr), shape=(c.n_rows, 6)) for c in chunks])
+    assert (got != x).nnz == 0
+    monkeypatch.undo()
+    _chunks.release_free_memory()  # the real call (glibc malloc_trim, or nothing) runs
+
+
+def test_token_ids_are_int64_arrays_of_their_own_cells(v2):  # noqa: F811
+    var_ids = _var_ids(v2, 100, seed=25)
+    x = _counts(40, len(var_ids), seed=26)
+    mem = ad.AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=var_ids))
+    small, large = dta.pp.tokenize(mem, vocab=v2, chunk_size=3), dta.pp.tokenize(mem, vocab=v2, chunk_size=100)
+    assert _tokens(small) == _tokens(large)
+    assert all(ids.dtype == np.int64 for ids in small.input_ids)
+    small.input_ids[0][:] = -1  # cells are disjoint views: changing one leaves the others and other results alone
+    assert _tokens(small)[1:] == _tokens(large)[1:] and _tokens(large)[0][0] != -1
+
+
 # ----------------------------------------------------------------------------- tokenize
 
 

@@ -19,7 +19,10 @@ results are still exact, the memory is not bounded).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +53,33 @@ SPARSE_SELECTION = 8
 
 #: Stored entries per block of columns when rows are cut out of a backed CSC matrix.
 CSC_BLOCK_ENTRIES = 1 << 22
+
+
+#: Every this many chunks, free heap memory is handed back to the operating system (glibc ``malloc_trim``): the
+#: arrays a caller keeps from each chunk (token ids) sit between the chunk's freed temporaries and would otherwise
+#: make the resident memory grow with the number of chunks.
+TRIM_EVERY = 8
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """Return the C library's ``malloc_trim`` (glibc), or None where there is none (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def release_free_memory() -> None:
+    """Hand free heap memory back to the operating system (a no-op without glibc)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -247,7 +277,9 @@ def iter_row_chunks(
         ranges = [(int(g[0]), int(g[-1]) + 1, g) for g in np.split(sel, cuts) if g.size]
     in_memory_csr = isinstance(X, sp.spmatrix | sp.sparray) and X.format == "csr"
     sorted_all = bool(X.has_sorted_indices) if in_memory_csr else False
-    for start, stop, sel in progress(ranges, total=len(ranges), desc=desc):
+    for i, (start, stop, sel) in enumerate(progress(ranges, total=len(ranges), desc=desc)):
+        if i and i % TRIM_EVERY == 0:
+            release_free_memory()
         chunk_rows = np.arange(start, stop, dtype=np.int64) if sel is None else sel
         local = None if sel is None or sel.size == stop - start else sel - start
         if in_memory_csr:

@@ -487,6 +487,7 @@ def tokenize(
     n_counts = np.zeros(n_out, dtype=np.float64)
     empty = np.zeros(n_out, dtype=bool)
     done = 0  # cells of the output filled so far
+    store = _TokenStore()
     for chunk in iter_row_chunks(X, adata.n_obs, rows=rows, chunk_size=chunk_size, desc="tokenize"):
         start, stop = done, done + chunk.n_rows
         _check_raw(chunk.data, name)
@@ -505,7 +506,7 @@ def tokenize(
         values *= TARGET_SUM
         values /= col_median[cols]
         order, kept, ranked = _top_ranked(indptr, values, n_genes_max)
-        cell_ids, cell_lengths = _assemble(col_tokens[cols[ranked]], kept, voc)
+        cell_ids, cell_lengths = _assemble(col_tokens[cols[ranked]], kept, voc, store)
         in_obs_order: list[np.ndarray] = [None] * chunk.n_rows  # type: ignore[list-item]
         for cell, ids in zip(order.tolist(), cell_ids, strict=True):
             in_obs_order[cell] = ids
@@ -535,19 +536,49 @@ def tokenize(
     )
 
 
+class _TokenStore:
+    """Hands out int64 arrays for the token ids of every cell, cut from large buffers ("slabs").
+
+    A slab of :attr:`SLAB` entries (64 MiB) is above glibc's largest dynamic mmap threshold (32 MiB), so it is
+    mapped outside the heap: the ids kept from each chunk do not pin the heap between the chunk's freed
+    temporaries, which would otherwise make the resident memory grow with the number of chunks (measured: +3 MiB
+    per chunk). Pages of a slab not yet written are not resident.
+    """
+
+    SLAB = 1 << 23
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(0, dtype=np.int64)
+        self._pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        """Return an uninitialised int64 array of ``n`` entries (a view of the current slab)."""
+        if self._pos + n > self._buf.size:
+            self._buf = np.empty(max(self.SLAB, n), dtype=np.int64)
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+
 def _assemble(
-    flat_genes: np.ndarray, n_gene_tokens: np.ndarray, voc: GeneformerVocab
+    flat_genes: np.ndarray, n_gene_tokens: np.ndarray, voc: GeneformerVocab, store: _TokenStore | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Add ``<cls>``/``<eos>`` around each cell's genes (V2-style vocabularies) and split per cell."""
+    """Add ``<cls>``/``<eos>`` around each cell's genes (V2-style vocabularies) and split per cell.
+
+    The cells' arrays are views of one array taken from ``store`` (a fresh array without one).
+    """
     n_cells = n_gene_tokens.size
+    take = (lambda n: np.empty(n, dtype=np.int64)) if store is None else store.take
     if voc.cls_id is None:
         lengths = n_gene_tokens.copy()
-        out = flat_genes
+        out = take(flat_genes.size)
+        out[:] = flat_genes
     else:
         lengths = n_gene_tokens + 2
         offsets = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        out = np.empty(int(offsets[-1]), dtype=np.int64)
+        out = take(int(offsets[-1]))
         starts = offsets[:-1]
         out[starts] = voc.cls_id
         out[starts + n_gene_tokens + 1] = voc.eos_id
