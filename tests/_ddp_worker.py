@@ -37,15 +37,23 @@ def embed_adata(lengths: dict[str, int], n_genes: int = N_TSS_GENES, seed: int =
     return adata
 
 
-def train_inputs(n_cells: int = 54, **overrides):
-    """AnnData, a small dropout-free BioDTA and train_adapter arguments (54 cells: 49 train, the last batch of 1)."""
+def train_inputs(n_cells: int = 54, from_adata: bool = False, **overrides):
+    """AnnData, a small dropout-free BioDTA and train_adapter arguments (54 cells: 49 train, the last batch of 1).
+
+    ``from_adata``: the model of :meth:`BioDTA.from_adata` (position-free, no special tokens but pad and mask)
+    instead of :meth:`BioDTA.from_config` with Geneformer-style special tokens and positions.
+    """
     import torch
     from test_train_adapter import sim_vocab, simulate, small_model
 
+    from sc_dta.models import BioDTA
+
     torch.manual_seed(0)
     adata = simulate(n_cells)
-    vocab = sim_vocab(adata.var_names)
-    model = small_model(vocab, seed=0, dropout=0.0, adapter_dropout=0.0)
+    if from_adata:
+        model = BioDTA.from_adata(adata, hidden_size=32, n_heads=2, dropout=0.0, adapter_dropout=0.0, seed=0)
+    else:
+        model = small_model(sim_vocab(adata.var_names), seed=0, dropout=0.0, adapter_dropout=0.0)
     kwargs = {
         "epochs": 4,
         "batch_size": 8,

@@ -124,18 +124,24 @@ def _assert_same_run(two: dict, one_uns: dict, one_weights: dict) -> None:
     assert int(two["uns"]["best_epoch"]) == int(one_uns["best_epoch"])
     assert two["weights"].keys() == one_weights.keys()
     for name, value in one_weights.items():
+        if name.endswith("attention.self.key.bias"):
+            # a key bias adds the same score to every key of a query, which softmax ignores: its true gradient is 0,
+            # and Adam scales the float rounding noise it gets instead to lr-sized steps that differ run to run
+            continue
         torch.testing.assert_close(two["weights"][name], value, rtol=RTOL, atol=ATOL, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:train_adapter. the model learned no gene-gene dependencies")
 def test_train_adapter_two_gloo_processes_equal_one(tmp_path):
-    _spawn(train_worker, tmp_path, {})
+    """BioDTA.from_adata's model (backbone and adapter trained), gradient accumulation, best weights restored."""
+    inputs = {"from_adata": True, "n_cells": 143, "epochs": 6, "lr": 2e-2}
+    _spawn(train_worker, tmp_path, {"inputs": inputs})
     ranks = _load(tmp_path)
-    adata, model, kwargs = train_inputs()
+    adata, model, kwargs = train_inputs(**inputs)
     bio = dta.tl.train_adapter(adata, model, **kwargs)
     one = adata.uns["train_adapter"]
-    assert one["loss"].size == 4 * 4  # 49 cells: 7 batches of 8 (the last of 1), 4 steps of 2 per epoch
-    assert one["loss"][-4:].mean() < one["loss"][:4].mean()
+    assert one["loss"].size == 6 * 9  # 129 cells: 17 batches of 8 (the last of 1), 9 steps of 2 per epoch
+    assert one["val_loss"].size == 6 and one["val_loss"][-1] < one["val_loss"][0]
     one_weights = {k: v.detach().clone() for k, v in bio.state_dict().items()}
     for r in ranks:
         _assert_same_run(r, one, one_weights)

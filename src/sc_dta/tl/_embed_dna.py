@@ -130,7 +130,8 @@ def embed_dna(
     process embeds its batches and writes only those to the cache (atomic renames, so a shared cache directory is
     safe). The embeddings are gathered and every process gets the same ``adata.varm[key_added]`` and
     ``adata.uns[key_added]`` as one process would (the same batches are run, so the numbers are identical). Only
-    the main process draws progress bars. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``).
+    the main process draws progress bars. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``, after
+    ``torch.cuda.set_device(local_rank)``, which NCCL's object collectives need).
 
     Parameters
     ----------

@@ -115,7 +115,8 @@ def train_adapter(
 
     Distributed: under an initialised :mod:`torch.distributed` process group of more than one process (NCCL on
     GPUs, gloo on CPUs; e.g. ``torchrun``), every process must call :func:`train_adapter` with the same arguments on
-    its own copy of the same data and model (a mismatch is a ValueError on every process). The model is trained in
+    its own copy of the same data and model (a mismatch of data or settings is a ValueError on every process; the
+    weights of the main process's model are copied to the others when training starts). The model is trained in
     :class:`~torch.nn.parallel.DistributedDataParallel` (``device_ids`` on CUDA): every process draws the same global
     batches and masks from ``seed`` and computes the loss of its own slice of each batch, so ``batch_size`` stays the
     *global* batch and the averaged gradient equals one process's gradient of that batch (the masked-gene losses are
@@ -126,7 +127,8 @@ def train_adapter(
     dropout the loss curve equals one process's up to float summation order. Checkpoints and the final model in
     ``output_dir`` are written by the main process only (``resume`` reads them there and hands them to the others);
     every process returns the same trained model and writes the same ``adata.uns[key_added]``. Only the main process
-    draws the progress bar. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``).
+    draws the progress bar. Pass each process its own ``device`` (e.g. ``f"cuda:{local_rank}"``, after
+    ``torch.cuda.set_device(local_rank)``, which NCCL's object collectives need).
 
     Parameters
     ----------
