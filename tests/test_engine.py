@@ -75,6 +75,7 @@ def test_holds_matches_a_loop_over_cells():
     got = holds_tokens(cells, tokens)
     want = np.asarray([[bool(np.any(c == t)) for c in cells] for t in tokens])
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(holds_tokens(cells, tokens, block=4), want)  # blocks of cells
     assert holds_tokens([], tokens).shape == (len(tokens), 0)
 
 

@@ -115,6 +115,12 @@ def run_expression_readout(
     Returns
     -------
     One :class:`ExpressionResult` per spec.
+
+    Raises
+    ------
+    MemoryError
+        When an allocation fails on a device other than CUDA (CUDA out-of-memory halves the forward passes and
+        the batches instead); the message names the batch and what to change.
     """
     import torch
 

@@ -192,13 +192,17 @@ class _Plan:
         return "cls" if self.use_cls else "mean"
 
 
-def holds_tokens(cells: list[np.ndarray], token_ids: np.ndarray) -> np.ndarray:
-    """``(len(token_ids), len(cells))``: whether each cell holds each token (one pass over all tokens)."""
-    uniq, index = np.unique(token_ids, return_inverse=True)
+def holds_tokens(cells: Sequence[np.ndarray], token_ids: np.ndarray, *, block: int = 4096) -> np.ndarray:
+    """``(len(token_ids), len(cells))``: whether each cell holds each token.
+
+    One vectorised pass over the tokens of ``block`` cells at a time (memory bounded by the block, not the cells).
+    """
+    uniq, index = np.unique(np.asarray(token_ids, dtype=np.int64), return_inverse=True)
     out = np.zeros((len(uniq), len(cells)), dtype=bool)
-    if cells:
-        flat = np.concatenate(cells)
-        owner = np.repeat(np.arange(len(cells)), [len(c) for c in cells])
+    for start in range(0, len(cells), block):
+        part = [np.asarray(c, dtype=np.int64) for c in cells[start : start + block]]
+        flat = np.concatenate(part)
+        owner = np.repeat(np.arange(start, start + len(part)), [len(c) for c in part])
         pos = np.searchsorted(uniq, flat)
         found = pos < len(uniq)
         found[found] &= uniq[pos[found]] == flat[found]
