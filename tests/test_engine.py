@@ -150,6 +150,17 @@ def test_is_memory_error():
     assert not is_memory_error(ValueError("out of memory"))
 
 
+def test_a_plain_cuda_out_of_memory_runtime_error_halves_on_cuda_only():
+    from sc_dta.models._batches import _cuda_oom_errors, _is_cuda_oom
+
+    err = RuntimeError("CUDA error: out of memory")
+    assert _is_cuda_oom(err, torch.device("cuda"), _cuda_oom_errors())
+    assert not _is_cuda_oom(err, torch.device("cpu"), _cuda_oom_errors())
+    assert _is_cuda_oom(torch.cuda.OutOfMemoryError("x"), torch.device("cpu"), _cuda_oom_errors())
+    cpu_text = RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    assert not _is_cuda_oom(cpu_text, torch.device("cuda"), _cuda_oom_errors())
+
+
 def test_cpu_allocation_failure_is_a_clear_memory_error_not_retried(setup, monkeypatch):
     from sc_dta.models import _perturb_engine
 

@@ -4,8 +4,8 @@ Both readouts (:mod:`sc_dta.models._perturb_engine`, :mod:`sc_dta.models._expres
 longest first in batches padded to their longest member. This module holds that loop and what it does when memory
 runs out:
 
-- CUDA out-of-memory (:class:`torch.OutOfMemoryError`): the batch is halved and retried, so a run that does not
-  fit goes on with smaller batches;
+- CUDA out-of-memory (:class:`torch.OutOfMemoryError`, or a ``CUDA error: out of memory`` on a CUDA device): the
+  batch is halved and retried, so a run that does not fit goes on with smaller batches;
 - any other allocation failure (the CPU's ``DefaultCPUAllocator: can't allocate memory``, MPS's ``out of memory``,
   a Python :class:`MemoryError`): a clear :class:`MemoryError` naming the device, the batch and what to change. It
   is not retried: on the CPU a failed allocation usually means the machine is already swapping or about to be
@@ -59,6 +59,14 @@ def _cuda_oom_errors() -> tuple[type[BaseException], ...]:
     if hasattr(torch, "OutOfMemoryError"):
         errs.append(torch.OutOfMemoryError)
     return tuple(errs)
+
+
+def _is_cuda_oom(err: BaseException, device: torch.device, oom: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``err`` is a CUDA out-of-memory: its own type, or a plain ``CUDA error: out of memory`` on CUDA."""
+    if isinstance(err, oom):
+        return True
+    text = str(err).lower()
+    return device.type == "cuda" and isinstance(err, RuntimeError) and "cuda" in text and "out of memory" in text
 
 
 def is_memory_error(err: BaseException) -> bool:
@@ -169,16 +177,16 @@ def length_sorted_batches(
             batch = order[pos : pos + n]
             try:
                 result = process(batch)
-            except oom:
-                shrunk = on_oom() if on_oom is not None else False
-                if len(batch) == 1 and not shrunk:
-                    raise
-                bs = max(1, len(batch) // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
-                continue
             except (MemoryError, RuntimeError) as e:
+                if _is_cuda_oom(e, device, oom):
+                    shrunk = on_oom() if on_oom is not None else False
+                    if len(batch) == 1 and not shrunk:
+                        raise
+                    bs = max(1, len(batch) // 2)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    logger.warning("Out of memory on %s; retrying with batch_size=%d.", device, bs)
+                    continue
                 if not is_memory_error(e):
                     raise
                 raise host_memory_error(e, device, sorted_lengths[pos : pos + n], advice=advice) from e
