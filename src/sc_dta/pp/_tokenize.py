@@ -487,7 +487,7 @@ def tokenize(
     n_counts = np.zeros(n_out, dtype=np.float64)
     empty = np.zeros(n_out, dtype=bool)
     done = 0  # cells of the output filled so far
-    store = _TokenStore()
+    store = _TokenStore(_TokenStore.SLAB if n_out > chunk_size else 0)
     for chunk in iter_row_chunks(X, adata.n_obs, rows=rows, chunk_size=chunk_size, desc="tokenize"):
         start, stop = done, done + chunk.n_rows
         _check_raw(chunk.data, name)
@@ -547,14 +547,15 @@ class _TokenStore:
 
     SLAB = 1 << 23
 
-    def __init__(self) -> None:
+    def __init__(self, slab: int = SLAB) -> None:
+        self._slab = int(slab)  # 0: an array of its own for every take (one chunk: nothing to fragment)
         self._buf = np.zeros(0, dtype=np.int64)
         self._pos = 0
 
     def take(self, n: int) -> np.ndarray:
         """Return an uninitialised int64 array of ``n`` entries (a view of the current slab)."""
         if self._pos + n > self._buf.size:
-            self._buf = np.empty(max(self.SLAB, n), dtype=np.int64)
+            self._buf = np.empty(max(self._slab, n), dtype=np.int64)
             self._pos = 0
         out = self._buf[self._pos : self._pos + n]
         self._pos += n
