@@ -20,6 +20,12 @@ pairing them position by position after removing the perturbed gene, exactly lik
 ``1 - cos`` (float32) of its original and perturbed embeddings; per cell we return the mean gene
 shift and the shift of the cell embedding (the ``<cls>`` vector when both versions start with
 ``<cls>`` and ``cell_emb="auto"``/``"cls"``, else the mean over the paired gene embeddings).
+
+How :func:`run_perturbations` is put together: :func:`_plan` decides which cells each spec evaluates and in which
+order they run (:class:`_Plan`); :func:`~sc_dta.models._batches.length_sorted_batches` cuts them into batches
+(and handles out-of-memory); per batch, :class:`_Batch` runs the original forward once and, for each spec,
+:func:`perturbed_batch` builds the perturbed cells (:class:`PerturbedBatch`) and :func:`batch_shifts` compares the
+two forwards (:class:`BatchShifts`); :class:`_Collector` gathers the batches into one :class:`ShiftResult` per spec.
 """
 
 from __future__ import annotations
