@@ -35,7 +35,7 @@ pytestmark = [
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Every streamed read takes 5 cells at a time (the test AnnData has 24: five chunks)."""
-    monkeypatch.setattr(_chunks, "CHUNK_SIZE", 5)
+    monkeypatch.setattr(dta.settings, "chunk_size_cells", 5)
 
 
 def _write(a: ad.AnnData, path: Path, fmt: str = "csr") -> ad.AnnData:
@@ -101,14 +101,16 @@ def test_row_chunks_of_a_backed_matrix_equal_the_matrix(fmt, tmp_path):
     backed.file.close()
 
 
-def test_chunk_size_is_validated_and_defaults_to_the_module_value(monkeypatch):
+def test_chunk_size_is_validated_and_defaults_to_the_setting(monkeypatch):
     with pytest.raises(ValueError, match="chunk_size"):
         _chunks.chunk_size_or_default(0)
     with pytest.raises(ValueError, match="chunk_size"):
         _chunks.chunk_size_or_default(2.5)
-    assert _chunks.chunk_size_or_default(None) == _chunks.CHUNK_SIZE == 2048
-    monkeypatch.setattr(_chunks, "CHUNK_SIZE", 7)
+    assert _chunks.chunk_size_or_default(None) == dta.settings.chunk_size_cells == 2048
+    monkeypatch.setattr(dta.settings, "chunk_size_cells", 7)
     assert _chunks.chunk_size_or_default(None) == 7
+    with pytest.raises(ValueError, match="chunk_size_cells"):
+        dta.settings.chunk_size_cells = 0
     with pytest.raises(ValueError, match="increasing"):
         list(_chunks.iter_row_chunks(sp.csr_matrix((5, 3)), 5, rows=[3, 1]))
 

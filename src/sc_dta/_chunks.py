@@ -39,13 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_SIZE", "RowChunk", "cells_mask", "chunk_size_or_default", "counts_matrix", "iter_row_chunks"]
-
-#: Cells read at a time from ``X`` or a layer when a function is not given ``chunk_size=`` (read at call time, so
-#: ``sc_dta._chunks.CHUNK_SIZE = 500`` lowers the memory of every streamed read). Tokenizing a chunk holds about
-#: 60 bytes per stored count: ~130 MB for 2,048 cells of ~1,000 expressed genes (10,000 cells: ~650 MB, and
-#: slower, as the sorts leave the CPU caches).
-CHUNK_SIZE = 2048
+__all__ = ["RowChunk", "cells_mask", "chunk_size_or_default", "counts_matrix", "iter_row_chunks"]
 
 #: A backed range of rows holding fewer than 1 / SPARSE_SELECTION selected rows is read row by row (one read per
 #: selected row) instead of as one slice.
@@ -116,9 +110,11 @@ class RowChunk:
 
 
 def chunk_size_or_default(chunk_size: int | None) -> int:
-    """Return ``chunk_size``, or :data:`CHUNK_SIZE` when None; refuse anything but a positive integer."""
+    """Return ``chunk_size``, or ``settings.chunk_size_cells`` when None; refuse anything but a positive integer."""
     if chunk_size is None:
-        chunk_size = CHUNK_SIZE
+        from sc_dta._settings import settings
+
+        chunk_size = settings.chunk_size_cells
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (cells read at a time).")
     return int(chunk_size)
@@ -257,7 +253,7 @@ def iter_row_chunks(
         Increasing row positions to read (default all rows). Only the row ranges of ``chunk_size`` rows holding
         them are read; from a backed CSR or dense matrix, a range holding few of them is read row by row.
     chunk_size
-        Rows of the matrix per read (default :data:`CHUNK_SIZE`).
+        Rows of the matrix per read (default ``sc_dta.settings.chunk_size_cells``).
     desc
         Label of the progress bar.
 

@@ -434,7 +434,7 @@ def tokenize(
     mod
         MuData modality.
     chunk_size
-        Cells read and processed at a time (memory vs speed); default :data:`sc_dta._chunks.CHUNK_SIZE`
+        Cells read and processed at a time (memory vs speed); default ``sc_dta.settings.chunk_size_cells``
         (2,048).
 
     Returns

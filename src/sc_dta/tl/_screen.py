@@ -352,7 +352,7 @@ def screen(
     adata
         AnnData with raw counts (TSS annotation from :func:`sc_dta.pp.annotate_tss` for TSS mutations), or a MuData.
         It is not modified. It may be backed (``anndata.read_h5ad(path, backed="r")``): the selected cells' counts
-        are then read from the file chunk by chunk (``sc_dta._chunks.CHUNK_SIZE`` cells at a time).
+        are then read from the file chunk by chunk (``sc_dta.settings.chunk_size_cells`` cells at a time).
     perturbations
         A list of ``(gene, perturbation)`` pairs or a DataFrame with columns ``gene`` and ``perturbation``. A
         perturbation is ``"delete"``, ``"overexpress"``, a mutation spec accepted by :func:`perturb_tss`
