@@ -39,7 +39,9 @@ layers, 256 wide, 4 heads, FFN 512, 25,426 tokens; SDPA attention, the default o
 
 Times: best of interleaved rounds. On a shared machine, multi-threaded wall-clock figures are unreliable (an OpenMP
 thread waits for a descheduled sibling at every operator), so the load average is printed and CPU time per cell is
-reported alongside wall time; ``GF/s*`` is FLOPs per CPU-second times the threads (the rate on dedicated cores).
+reported alongside wall time; ``GF/s*`` is FLOPs per CPU-second times the threads (the rate on dedicated cores). For
+short operations ``GF/s*`` overstates the rate (a descheduled thread's wait is not CPU time): take ``GF/s`` (best
+wall) as the machine's matmul rate.
 Geneformer's own perturber on a 2-core CPU: 2.3 cells/s (V1-10M, batch 16), from docs/performance.md.
 """
 
@@ -484,6 +486,7 @@ def section_perturb(adata, tokens, model, gene, threads, rounds, n_slices, n_ref
             "GF/s",
             "GF/s*",
             "x GF 2.3",
+            "in fwd",
             "new/old",
         ],
         rows,
