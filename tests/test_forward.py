@@ -130,6 +130,31 @@ def test_layers_it_cannot_evaluate_run_through_their_modules():
     assert not _forward._fast_layers(plain.bert)
 
 
+def test_forward_hooks_fire_and_see_the_same_values():
+    """A hook on a layer (or a global one) makes the layers run as modules: hooks fire, values are unchanged."""
+    model = make_model("sdpa")
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        fast = contextual_embeddings(model, ids, mask, emb_layer=-1)
+    seen = []
+    handle = model.bert.encoder.layer[1].attention.self.register_forward_hook(lambda *_: seen.append(1))
+    try:
+        assert not _forward._fast_layers(model.bert)
+        with torch.no_grad():
+            hooked = contextual_embeddings(model, ids, mask, emb_layer=-1)
+    finally:
+        handle.remove()
+    assert seen == [1]
+    valid = mask.bool()
+    np.testing.assert_allclose(hooked[valid].numpy(), fast[valid].numpy(), atol=2e-6, rtol=0)
+    assert _forward._fast_layers(model.bert)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert not _forward._fast_layers(model.bert)
+    finally:
+        handle.remove()
+
+
 def test_fused_projection_follows_weight_updates():
     """The cached query/key/value concatenation is rebuilt after an in-place weight update."""
     model = make_model("sdpa")

@@ -135,14 +135,22 @@ def _attention_plan(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> 
 def _fast_layers(bert: nn.Module) -> bool:
     """Whether :func:`_bert_layer` can evaluate every encoder layer of ``bert``.
 
-    True for plain (absolute-position, non-decoder) ``transformers`` BERT layers in eval mode; anything else runs
-    through the layer modules themselves.
+    True for plain (absolute-position, non-decoder) ``transformers`` BERT layers in eval mode without hooks; anything
+    else (including a layer with forward hooks, e.g. for interpretation or counting, and layers whose attributes
+    differ from the ``transformers`` layout this was written for) runs through the layer modules themselves.
     """
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
     for layer in bert.encoder.layer:
         attention = getattr(layer, "attention", None)
         sa = getattr(attention, "self", None)
         if (
             layer.training
+            or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+            or not all(hasattr(sa, k) for k in ("num_attention_heads", "attention_head_size"))
+            or not hasattr(getattr(layer, "output", None), "LayerNorm")
+            or not hasattr(getattr(attention, "output", None), "LayerNorm")
+            or not hasattr(getattr(layer, "intermediate", None), "intermediate_act_fn")
             or getattr(layer, "is_decoder", True)
             or not all(isinstance(getattr(sa, k, None), nn.Linear) for k in ("query", "key", "value"))
             or any(getattr(sa, k).bias is None for k in ("query", "key", "value"))
