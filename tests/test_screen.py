@@ -47,7 +47,19 @@ def test_screen_equals_single_calls(readout, tmp_path):
     genes = _frequent_genes(a, tokens, vocab, 3)
     perts = [(genes[0], "delete"), (genes[1], "delete"), (genes[0], "overexpress"), (genes[2], "delete")]
     snap = snapshot(a)
-    res = dta.tl.screen(a, perts, model=model, readout=readout, groupby="group", per_cell=True, chunk_size=3)
+    res = dta.tl.screen(
+        a, perts, model=model, readout=readout, groupby="group", per_cell=True, chunk_size=3, key_added="scr"
+    )
+    # only the key_added slots of the cell AnnData are written
+    assert list(a.uns) == [*snap[3], "scr"] and list(a.uns["scr"]["perturbations"]) == list(res.obs_names)
+    cell_slots = ["scr_cell_shift"] + (["scr_cell_emb_shift"] if readout == "cosine" else [])
+    assert sorted(a.obsm) == sorted(cell_slots)
+    cell_shift = a.obsm["scr_cell_shift"]
+    cell_emb_shift = a.obsm.get("scr_cell_emb_shift")
+    assert cell_shift.shape == (a.n_obs, len(perts)) and cell_shift.dtype == np.float32
+    for slot in cell_slots:
+        del a.obsm[slot]
+    del a.uns["scr"]
     assert_unchanged(a, snap)
     assert res.shape == (4, a.n_vars) and list(res.var_names) == list(a.var_names)
     assert list(res.obs["gene"]) == [p[0] for p in perts] and list(res.obs["perturbation"]) == [p[1] for p in perts]
@@ -64,6 +76,13 @@ def test_screen_equals_single_calls(readout, tmp_path):
         np.testing.assert_allclose(
             res.obsm["cell_shift"].iloc[i].to_numpy(), single.obs[f"{key}_cell"].to_numpy(), atol=2e-5, equal_nan=True
         )
+        # the cells x perturbations values in the cell AnnData are the single call's obs columns
+        np.testing.assert_allclose(cell_shift[:, i], single.obs[f"{key}_cell"].to_numpy(), atol=2e-5, equal_nan=True)
+        assert np.isfinite(cell_shift[:, i]).sum() == single.obs[f"{key}_evaluated"].sum()
+        if readout == "cosine":
+            np.testing.assert_allclose(
+                cell_emb_shift[:, i], single.obs[f"{key}_cell_emb"].to_numpy(), atol=2e-5, equal_nan=True
+            )
         # group means: mean of the stored per-cell values within each group
         stored = single.layers[key].tocsr()
         for g in ("A", "B"):
@@ -206,6 +225,7 @@ def test_saturation_minus_strand_and_errors(tss_setup):
 def test_screen_errors(tss_setup):
     a, vocab, model, encoder, genome, expected = tss_setup
     snap = snapshot(a)
+    obsm_before = list(a.obsm)
     with pytest.raises(ValueError, match="neither 'delete', 'overexpress' nor a mutation spec"):
         dta.tl.screen(a, [("DPM1", "knockout")], model=model)
     with pytest.raises(KeyError, match="NOPE"):
@@ -220,7 +240,34 @@ def test_screen_errors(tss_setup):
         dta.tl.screen(a, [], model=model)
     with pytest.raises(ValueError, match="chunk_size"):
         dta.tl.screen(a, [("DPM1", "delete")], model=model, chunk_size=0)
+    with pytest.raises(ValueError, match="key_added"):
+        dta.tl.screen(a, [("DPM1", "delete")], model=model, key_added="")
     assert_unchanged(a, snap)
+    assert list(a.obsm) == obsm_before
+
+
+def test_screen_key_added_protects_other_data_and_replaces_its_own():
+    a, vocab, model, tokens = _build("V2")
+    a = a.copy()
+    for k in [k for k in a.obsm if k.startswith("screen_")]:  # written by other tests into the shared AnnData
+        del a.obsm[k]
+    a.uns.pop("screen", None)
+    gene = _frequent_genes(a, tokens, vocab, 1)[0]
+    a.obsm["umap_cell_shift"] = np.zeros((a.n_obs, 2))
+    with pytest.raises(ValueError, match=r"obsm\['umap_cell_shift'\] already exist.*not a previous screen"):
+        dta.tl.screen(a, [(gene, "delete")], model=model, readout="cosine", key_added="umap")
+    assert list(a.obsm) == ["umap_cell_shift"] and "umap" not in a.uns
+    a.uns["other"] = {"params": {"kind": "delete"}}
+    with pytest.raises(ValueError, match=r"uns\['other'\]"):
+        dta.tl.screen(a, [(gene, "delete")], model=model, readout="cosine", key_added="other")
+    snap = snapshot(a)
+    dta.tl.screen(a, [(gene, "delete")], model=model, readout="cosine", key_added=None)
+    assert_unchanged(a, snap) and list(a.obsm) == ["umap_cell_shift"]
+    dta.tl.screen(a, [(gene, "delete"), (gene, "overexpress")], model=model, readout="cosine")
+    assert a.obsm["screen_cell_shift"].shape == (a.n_obs, 2)
+    dta.tl.screen(a, [(gene, "delete")], model=model, readout="expression")  # a previous screen's slots: replaced
+    assert a.obsm["screen_cell_shift"].shape == (a.n_obs, 1) and "screen_cell_emb_shift" not in a.obsm
+    assert list(a.uns["screen"]["perturbations"]) == [f"{gene}|delete"]
 
 
 @pytest.mark.parametrize("readout", ["cosine", "expression"])

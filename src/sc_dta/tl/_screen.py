@@ -17,7 +17,7 @@ import pandas as pd
 
 from sc_dta._distributed import Distributed
 from sc_dta._utils import get_anndata
-from sc_dta.models._perturb_engine import KINDS, PerturbSpec, run_perturbations
+from sc_dta.models._perturb_engine import KINDS, PerturbSpec, holds_tokens, run_perturbations
 from sc_dta.tl._perturb import (
     _as_encoder,
     _as_model,
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["screen"]
 
 #: Version of the checkpoint layout (a directory written by another layout is refused).
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------- perturbation table
@@ -258,12 +258,9 @@ def _partial(layer: Any, obs: dict[str, np.ndarray], groups: list[np.ndarray], p
         "group_total": np.stack([t for t, _ in g]) if g else np.zeros((0, n_vars)),
         "group_n": np.stack([c for _, c in g]) if g else np.zeros((0, n_vars), dtype=np.int64),
     }
+    out |= {"cell": obs["_cell"], "cell_emb": obs.get("_cell_emb", np.full(layer.shape[0], np.nan, dtype=np.float32))}
     if per_cell:
-        out |= {
-            "layer": layer,
-            "cell": obs["_cell"],
-            "cell_emb": obs.get("_cell_emb", np.full(layer.shape[0], np.nan, dtype=np.float32)),
-        }
+        out["layer"] = layer
     return out
 
 
@@ -285,23 +282,17 @@ def _combine(parts: list[dict[str, Any]], per_cell: bool) -> dict[str, np.ndarra
         "group_mean": _mean(g_total, g_n),
         "group_n": np.asarray(g_n, dtype=np.int64),
     }
+    for k in ("cell", "cell_emb"):  # the processes' cells are disjoint: at most one value per cell is not NaN
+        values = np.stack([p[k] for p in parts])
+        seen = ~np.isnan(values)
+        out[k] = np.where(seen.any(axis=0), np.where(seen, values, 0).sum(axis=0), np.nan).astype(np.float32)
     if per_cell:
         layer = parts[0]["layer"]
         for p in parts[1:]:
             layer = layer + p["layer"]  # the processes' cells are disjoint rows
         layer = layer.tocsr()
         layer.sort_indices()
-        cell = np.stack([p["cell"] for p in parts])
-        emb = np.stack([p["cell_emb"] for p in parts])
-        out |= {
-            "data": layer.data,
-            "indices": layer.indices,
-            "indptr": layer.indptr,
-            "cell": np.nanmax(np.where(np.isnan(cell), -np.inf, cell), axis=0),
-            "cell_emb": np.nanmax(np.where(np.isnan(emb), -np.inf, emb), axis=0),
-        }
-        for k in ("cell", "cell_emb"):
-            out[k] = np.where(np.isneginf(out[k]), np.nan, out[k]).astype(np.float32)
+        out |= {"data": layer.data, "indices": layer.indices, "indptr": layer.indptr}
     return out
 
 
@@ -329,6 +320,7 @@ def screen(
     emb_layer: int | str = -1,
     n_folds: int = 7,
     chunk_size: int = 32,
+    key_added: str | None = "screen",
 ) -> AnnData | None:
     """Run many perturbations of many genes and return a perturbations × genes AnnData.
 
@@ -351,7 +343,7 @@ def screen(
     ----------
     adata
         AnnData with raw counts (TSS annotation from :func:`sc_dta.pp.annotate_tss` for TSS mutations), or a MuData.
-        It is not modified. It may be backed (``anndata.read_h5ad(path, backed="r")``): the selected cells' counts
+        Only its ``key_added`` slots are written, after success. It may be backed (``anndata.read_h5ad(path, backed="r")``): the selected cells' counts
         are then read from the file chunk by chunk (``sc_dta.settings.chunk_size_cells`` cells at a time).
     perturbations
         A list of ``(gene, perturbation)`` pairs or a DataFrame with columns ``gene`` and ``perturbation``. A
@@ -396,6 +388,9 @@ def screen(
     chunk_size
         Perturbations evaluated together (they share the unperturbed forward; their per-cell results are held
         at the same time).
+    key_added
+        Where the per-cell results go in ``adata`` (see below); None leaves ``adata`` unchanged. Slots that are not
+        a previous screen's are never overwritten (an error, nothing written).
 
     Returns
     -------
@@ -419,6 +414,18 @@ def screen(
         ``n_obs × n_vars`` layer :func:`perturb_gene` would write.
     ``uns['screen']['params']``
         readout, model, cells, groupby and its groups, seed, n_folds, emb_layer.
+
+    In ``adata`` (unless ``key_added=None``; on rank 0 of a process group), one column per perturbation, in the
+    result's order, NaN for cells not evaluated:
+
+    ``obsm[f'{key_added}_cell_shift']``
+        float32 cells × perturbations: each cell's mean gene shift (what :func:`perturb_gene` writes to
+        ``obs[key + '_mean_shift']``).
+    ``obsm[f'{key_added}_cell_emb_shift']``
+        With ``readout="cosine"``: each cell's cell-embedding shift (``obs[key + '_cell_shift']`` of
+        :func:`perturb_gene`).
+    ``uns[key_added]``
+        ``perturbations`` (the result's ``obs_names``, naming the columns) and ``params``.
 
     The result can be added to a MuData (``mudata.MuData({'rna': adata, 'screen': result})``) and written with
     ``write_h5ad``.
@@ -459,6 +466,7 @@ def screen(
         from sc_dta.tl._embed_dna import _as_genome
 
         genome = _as_genome(genome)
+    _check_key_added(ad, key_added)
     table = _perturbation_table(perturbations, ad, genome, encoder)
     run = _Cells(ad, model, tokens, cells, layer)
 
@@ -518,7 +526,8 @@ def screen(
         raise RuntimeError(f"screen: the main process refused checkpoint_dir: {error}")
     if done:
         logger.info("screen: %d of %d perturbations already in %s", len(done), n, checkpoint_dir)
-    present = {tid: any(bool(np.any(c == tid)) for c in run.cells) for tid, _, _ in gene_info.values()}
+    token_ids = np.asarray([tid for tid, _, _ in gene_info.values()], dtype=np.int64)
+    present = dict(zip(token_ids.tolist(), holds_tokens(run.cells, token_ids).any(axis=1).tolist(), strict=True))
     if dist.active:
         mine = dist.shard(np.asarray([len(c) for c in run.cells], dtype=np.int64))
         run.cells = [run.cells[j] for j in mine]
@@ -541,7 +550,51 @@ def screen(
         return None
     for i in done:
         summaries[i] = ckpt.load(i)
-    return _result(ad, table, gene_info, summaries, groups, per_cell, readout, run, model, fingerprint)
+    result = _result(ad, table, gene_info, summaries, groups, per_cell, readout, run, model, fingerprint)
+    if key_added is not None:
+        _write_cell_results(ad, key_added, result, summaries, readout)
+    return result
+
+
+def _cell_slots(adata: AnnData, key: str) -> list[str]:
+    slots = [f"obsm[{key + s!r}]" for s in ("_cell_shift", "_cell_emb_shift") if key + s in adata.obsm]
+    return slots + ([f"uns[{key!r}]"] if key in adata.uns else [])
+
+
+def _check_key_added(adata: AnnData, key: str | None) -> None:
+    """Refuse a ``key_added`` whose slots hold something other than a previous screen's per-cell results."""
+    if key is None:
+        return
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key_added: expected a non-empty string or None, got {key!r}.")
+    slots = _cell_slots(adata, key)
+    uns = adata.uns.get(key)
+    params = uns.get("params") if isinstance(uns, Mapping) else None
+    if slots and not (isinstance(params, Mapping) and params.get("kind") == "screen"):
+        raise ValueError(
+            f"key_added={key!r}: {', '.join(slots)} already exist and are not a previous screen's result; choose "
+            "another key_added or key_added=None (nothing was written)."
+        )
+
+
+def _write_cell_results(
+    adata: AnnData, key: str, result: AnnData, summaries: Mapping[int, dict[str, np.ndarray]], readout: str
+) -> None:
+    """Write the cells × perturbations shifts into ``adata`` (after the screen succeeded)."""
+    n = result.n_obs
+    previous = _cell_slots(adata, key)
+    for slot in ("_cell_shift", "_cell_emb_shift"):
+        adata.obsm.pop(key + slot, None)
+    adata.obsm[f"{key}_cell_shift"] = np.stack([summaries[i]["cell"] for i in range(n)], axis=1).astype(np.float32)
+    if readout == "cosine":
+        emb = np.stack([summaries[i]["cell_emb"] for i in range(n)], axis=1).astype(np.float32)
+        adata.obsm[f"{key}_cell_emb_shift"] = emb
+    adata.uns[key] = {
+        "params": {**result.uns["screen"]["params"], "kind": "screen"},
+        "perturbations": np.asarray(result.obs_names, dtype=str),
+    }
+    if previous:
+        logger.warning("screen: overwrote the previous screen's %s.", ", ".join(previous))
 
 
 def _run_chunks(
@@ -661,8 +714,6 @@ def _evaluate(
     device: Any,
 ) -> Iterable[tuple[int, Any, dict, dict]]:
     """Yield ``(perturbation index, layer, obs, var)`` as :func:`perturb_gene` would assemble them."""
-    from sc_dta.models._perturb_engine import holds_tokens
-
     inserted = {i for i in chunk if insert and specs[i].kind == "overexpress"}  # evaluated where absent too
     todo = [i for i in chunk if present[specs[i].token_id] or i in inserted]
     for i in chunk:
