@@ -34,38 +34,6 @@ from pathlib import Path
 import numpy as np
 
 
-def build(n_cells: int, n_genes: int, layers: int, hidden: int, max_length: int, seed: int):
-    """Return synthetic counts, their vocabulary and a random-weight Geneformer-style model (same on every rank)."""
-    import anndata as ad
-    import scipy.sparse as sp
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    from sc_dta.models.cell import attach_vocab
-    from sc_dta.models.vocab import GeneformerVocab
-
-    rng = np.random.default_rng(seed)
-    lib = rng.gamma(2.0, 1.0, n_cells)
-    x = rng.poisson(lib[:, None] * rng.gamma(0.5, 2.0, n_genes)[None, :]).astype(np.float32)
-    a = ad.AnnData(X=sp.csr_matrix(x))
-    a.var_names = [f"ENSG{j:011d}" for j in range(n_genes)]
-    a.obs_names = [f"cell{i}" for i in range(n_cells)]
-    vocab = GeneformerVocab.from_adata(a, special_tokens=True, max_length=max_length)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32),
-        intermediate_size=2 * hidden,
-        max_position_embeddings=max_length,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model = BertForMaskedLM._from_config(cfg, attn_implementation="sdpa").eval()
-    attach_vocab(model, vocab)
-    return a, vocab, model
-
-
 def _frequent_genes(a, vocab, k: int) -> list[str]:
     """The ``k`` genes present in most cells (so every deletion evaluates most cells)."""
     import sc_dta as dta
@@ -97,6 +65,8 @@ def worker(args: argparse.Namespace) -> None:
     if size > 1:
         dist.init_process_group("gloo")
     try:
+        from screen import build  # the synthetic cells and model of benchmarks/screen.py
+
         a, vocab, model = build(args.cells, args.genes, args.layers, args.hidden, args.max_length, args.seed)
         perts = [(g, "delete") for g in _frequent_genes(a, vocab, args.k)]
         before = _peak_rss_mib()
