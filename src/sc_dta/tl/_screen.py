@@ -240,8 +240,13 @@ class _Checkpoint:
 # --------------------------------------------------------------------------------------------- statistics
 
 
-def _partial(layer: Any, obs: dict[str, np.ndarray], groups: list[np.ndarray], per_cell: bool) -> dict[str, Any]:
-    """Return the sums one process keeps of one perturbation on its cells (added over processes)."""
+def _partial(
+    layer: Any, obs: dict[str, np.ndarray], groups: list[np.ndarray], per_cell: bool, cell_values: bool
+) -> dict[str, Any]:
+    """Return the sums one process keeps of one perturbation on its cells (added over processes).
+
+    ``cell_values``: also each cell's mean gene shift and cell-embedding shift; ``per_cell``: also the gene layer.
+    """
     n_vars = layer.shape[1]
     layer = layer.tocsr()
 
@@ -258,7 +263,9 @@ def _partial(layer: Any, obs: dict[str, np.ndarray], groups: list[np.ndarray], p
         "group_total": np.stack([t for t, _ in g]) if g else np.zeros((0, n_vars)),
         "group_n": np.stack([c for _, c in g]) if g else np.zeros((0, n_vars), dtype=np.int64),
     }
-    out |= {"cell": obs["_cell"], "cell_emb": obs.get("_cell_emb", np.full(layer.shape[0], np.nan, dtype=np.float32))}
+    if cell_values or per_cell:
+        out["cell"] = obs["_cell"]
+        out["cell_emb"] = obs.get("_cell_emb", np.full(layer.shape[0], np.nan, dtype=np.float32))
     if per_cell:
         out["layer"] = layer
     return out
@@ -282,7 +289,7 @@ def _combine(parts: list[dict[str, Any]], per_cell: bool) -> dict[str, np.ndarra
         "group_mean": _mean(g_total, g_n),
         "group_n": np.asarray(g_n, dtype=np.int64),
     }
-    for k in ("cell", "cell_emb"):  # the processes' cells are disjoint: at most one value per cell is not NaN
+    for k in ("cell", "cell_emb") if "cell" in parts[0] else ():  # disjoint cells: one value per cell at most
         values = np.stack([p[k] for p in parts])
         seen = ~np.isnan(values)
         out[k] = np.where(seen.any(axis=0), np.where(seen, values, 0).sum(axis=0), np.nan).astype(np.float32)
@@ -505,6 +512,7 @@ def screen(
         "emb_layer": str(emb_layer),
         "seed": int(seed),
         "per_cell": bool(per_cell),
+        "cell_values": key_added is not None,
         "groupby": groupby or "",
         "groups": groups,
         "layer": layer or "X",
@@ -544,7 +552,8 @@ def screen(
     try:
         summaries = _run_chunks(
             run, model, table, order, chunk_size, gene_info, tss_of, genome, encoder, seed, device, present, readout,
-            insert, emb_layer, n_folds, batch_size, group_rows, per_cell, dist, ckpt if dist.main else None,
+            insert, emb_layer, n_folds, batch_size, group_rows, per_cell, key_added is not None, dist,
+            ckpt if dist.main else None,
             tqdm(total=n, initial=len(done), desc="screen", unit="perturbation", disable=not show),
         )  # fmt: skip
     finally:
@@ -602,7 +611,7 @@ def _write_cell_results(
 
 def _run_chunks(
     run, model, table, order, chunk_size, gene_info, tss_of, genome, encoder, seed, device, present, readout,
-    insert, emb_layer, n_folds, batch_size, group_rows, per_cell, dist, ckpt, bar,
+    insert, emb_layer, n_folds, batch_size, group_rows, per_cell, cell_values, dist, ckpt, bar,
 ) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
     """Evaluate the perturbations chunk by chunk; return their summaries (on the main process)."""
     summaries: dict[int, dict[str, np.ndarray]] = {}
@@ -612,7 +621,7 @@ def _run_chunks(
             chunk = order[start : start + int(chunk_size)]
             specs = _specs(chunk, table, gene_info, tss_of, references, genome, encoder, seed, device)
             parts = {
-                i: _partial(layer_, obs, group_rows, per_cell)
+                i: _partial(layer_, obs, group_rows, per_cell, cell_values)
                 for i, layer_, obs, var in _evaluate(
                     run,
                     model,
