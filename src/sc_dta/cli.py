@@ -548,6 +548,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
             device=proc.device,
             seed=args.seed,
             chunk_size=args.chunk_size,
+            key_added=None,  # the input file is not rewritten: per-cell values go to the result with --per-cell
         )
         if proc.main:
             n_cells = int(result.obs["n_cells"].max()) if result.n_obs else 0
