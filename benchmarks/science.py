@@ -7,7 +7,8 @@ the unit) for each method, all measured in the same run:
 - Bio-DTA: ``perturb_tss`` deleting the TF's promoter motifs (expression readout; cosine readout too);
 - matched control: the same-length deletions elsewhere in the window that keep the motifs (mean AUROC over
   the controls) and the specificity ratio (mean |shift| of the TF's descendants under the motif deletion over
-  the same under the controls);
+  the same under the controls); the motif deletion minus the controls (each gene's |mean shift| minus its mean
+  |mean shift| under the controls: what only the motif deletion does, ranked on its own);
 - adapter-free deletion and overexpression of the TF token (``perturb_gene``);
 - the same expression readouts ranked by direction: genes predicted down after a deletion, up after
   overexpression (``rank_targets(direction=...)``; most planted targets are activated);
@@ -94,6 +95,7 @@ def run_one(name: str, seed: int, encoder_name: str, n_controls: int, out: str) 
         "Bio-DTA motif deletion (expression)": scores(ad, "dta_shift"),
         "Bio-DTA motif deletion (cosine)": scores(ad, "dta_shift_cosine"),
         "matched control deletion (expression)": controls,
+        "Bio-DTA motif deletion minus controls (expression)": scores(ad, "dta_shift") - controls.mean(axis=0),
         "TF token deletion (expression)": scores(ad, "dta_shift_delete"),
         "TF token deletion (cosine, Geneformer)": scores(ad, "cos_del"),
         "TF overexpression (expression)": scores(ad, "dta_shift_overexpress"),

@@ -362,3 +362,22 @@ def test_bf16_autocast_and_mudata(monkeypatch):
     rec = mdata["rna"].uns["train_adapter"]
     assert rec["loss"].size == 2 * 3 and np.isfinite(rec["loss"]).all() and np.isfinite(rec["val_loss"]).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a cast of the weights
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cpu_training_runs_with_deterministic_algorithms_and_restores_them(deterministic, monkeypatch):
+    """settings.deterministic: torch's deterministic kernels during training on the CPU, the global flag restored."""
+    monkeypatch.setattr(dta.settings, "deterministic", deterministic)
+    adata = simulate(30)
+    model = small_model(sim_vocab(adata.var_names))
+    seen = []
+    handle = model.backbone.bert.register_forward_pre_hook(
+        lambda *_: seen.append(torch.are_deterministic_algorithms_enabled())
+    )
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        dta.tl.train_adapter(adata, model, epochs=1, batch_size=8, seed=0)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {deterministic}
+    assert not torch.are_deterministic_algorithms_enabled()

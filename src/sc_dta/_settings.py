@@ -32,8 +32,8 @@ class Settings:
     """Settings shared by all of :mod:`sc_dta`.
 
     Each attribute can also be set through an environment variable read at import:
-    ``SC_DTA_DEVICE``, ``SC_DTA_DTYPE``, ``SC_DTA_CACHE_DIR``, ``SC_DTA_PROGRESS`` and
-    ``SC_DTA_VERBOSITY``.
+    ``SC_DTA_DEVICE``, ``SC_DTA_DTYPE``, ``SC_DTA_CACHE_DIR``, ``SC_DTA_PROGRESS``,
+    ``SC_DTA_DETERMINISTIC`` and ``SC_DTA_VERBOSITY``.
     """
 
     def __init__(self) -> None:
@@ -45,6 +45,15 @@ class Settings:
         self.chunk_size_cells = 2048
         self.progress: bool = _env_bool("SC_DTA_PROGRESS", True)
         """Whether to show progress bars."""
+        self.deterministic: bool = _env_bool("SC_DTA_DETERMINISTIC", True)
+        """Whether model runs on the CPU use torch's deterministic algorithms (``torch.use_deterministic_algorithms``).
+
+        Multi-threaded CPU kernels otherwise add in an order that varies from run to run; training amplifies the
+        last-digit differences, so the same seed could give a different model (and early-stopping epoch) on each
+        run. With this on, a seed reproduces a run exactly for a given number of threads. GPUs are not affected
+        (their deterministic kernels need ``CUBLAS_WORKSPACE_CONFIG``; set it and call
+        ``torch.use_deterministic_algorithms(True)`` yourself).
+        """
         self.verbosity = os.environ.get("SC_DTA_VERBOSITY", "WARNING")
 
     @property

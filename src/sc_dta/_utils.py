@@ -65,6 +65,25 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def reproducible(device: torch.device) -> Iterator[None]:
+    """Run the block with torch's deterministic algorithms on the CPU when ``settings.deterministic`` is on.
+
+    The previous global setting is restored afterwards; other devices run unchanged.
+    """
+    import torch
+
+    if device.type != "cpu" or not settings.deterministic:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def progress(
     iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str | None = None, **kwargs: Any
 ) -> Iterator[T]:

@@ -161,7 +161,7 @@ def length_sorted_batches(
     import torch
     from tqdm.auto import tqdm
 
-    from sc_dta._utils import autocast
+    from sc_dta._utils import autocast, reproducible
 
     oom = _cuda_oom_errors()
     fills = MIN_FILL if min_fill is None else min_fill
@@ -170,6 +170,7 @@ def length_sorted_batches(
     with (
         torch.inference_mode(),
         autocast(device),
+        reproducible(device),
         tqdm(total=len(order), desc=desc, unit="cell", disable=not settings.progress) as bar,
     ):
         while pos < len(order):

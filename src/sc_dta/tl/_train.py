@@ -15,7 +15,7 @@ import numpy as np
 
 from sc_dta._distributed import Distributed
 from sc_dta._settings import settings
-from sc_dta._utils import get_anndata, resolve_device
+from sc_dta._utils import get_anndata, reproducible, resolve_device
 from sc_dta.tl import _checkpoint as ckpt_io
 from sc_dta.tl._trainer import (
     Masker,
@@ -289,7 +289,7 @@ def train_adapter(
             )
 
     cuda_devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
+    with torch.random.fork_rng(devices=cuda_devices), reproducible(dev):
         torch.manual_seed(seed)
         if is_biodta:
             bio = model
