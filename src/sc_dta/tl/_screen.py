@@ -350,8 +350,9 @@ def screen(
     ----------
     adata
         AnnData with raw counts (TSS annotation from :func:`sc_dta.pp.annotate_tss` for TSS mutations), or a MuData.
-        Only its ``key_added`` slots are written, after success. It may be backed (``anndata.read_h5ad(path, backed="r")``): the selected cells' counts
-        are then read from the file chunk by chunk (``sc_dta.settings.chunk_size_cells`` cells at a time).
+        Only its ``key_added`` slots are written, after success. It may be backed
+        (``anndata.read_h5ad(path, backed="r")``): the selected cells' counts are then read from the file chunk by
+        chunk (``sc_dta.settings.chunk_size_cells`` cells at a time).
     perturbations
         A list of ``(gene, perturbation)`` pairs or a DataFrame with columns ``gene`` and ``perturbation``. A
         perturbation is ``"delete"``, ``"overexpress"``, a mutation spec accepted by :func:`perturb_tss`
@@ -427,9 +428,9 @@ def screen(
 
     ``obsm[f'{key_added}_cell_shift']``
         float32 cells × perturbations: each cell's mean gene shift (what :func:`perturb_gene` writes to
-        ``obs[key + '_mean_shift']``).
+        ``obs[key + '_cell']``).
     ``obsm[f'{key_added}_cell_emb_shift']``
-        With ``readout="cosine"``: each cell's cell-embedding shift (``obs[key + '_cell_shift']`` of
+        With ``readout="cosine"``: each cell's cell-embedding shift (``obs[key + '_cell_emb']`` of
         :func:`perturb_gene`).
     ``uns[key_added]``
         ``perturbations`` (the result's ``obs_names``, naming the columns) and ``params``.
