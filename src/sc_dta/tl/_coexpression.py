@@ -29,14 +29,11 @@ def _counts(adata: AnnData, layer: str | None):
 
 def _check_key(ad: AnnData, key: str) -> None:
     """Refuse a key whose slots hold something other than a previous co-expression result."""
+    from sc_dta.tl._perturb import _refuse_foreign_slots
+
     taken = [f"var[{key + s!r}]" for s in ("_mean", "_n") if key + s in ad.var]
     taken += [f"uns[{key!r}]"] if key in ad.uns else []
-    previous = (ad.uns.get(key) or {}).get("params", {}).get("kind") if isinstance(ad.uns.get(key), dict) else None
-    if taken and previous != "coexpression":
-        raise ValueError(
-            f"key_added={key!r}: {', '.join(taken)} already exist and are not a previous coexpression result; "
-            "choose another key_added (nothing was written)."
-        )
+    _refuse_foreign_slots(ad, key, taken, ("coexpression",), "coexpression")
 
 
 def coexpression(
@@ -79,7 +76,8 @@ def coexpression(
     from scipy import sparse
     from scipy.stats import rankdata
 
-    from sc_dta.tl._perturb import _cells_mask, _var_by_symbol
+    from sc_dta._chunks import cells_mask
+    from sc_dta.tl._perturb import _var_by_symbol
 
     ad = get_anndata(adata, mod)
     if method not in ("spearman", "pearson"):
@@ -91,7 +89,7 @@ def coexpression(
         raise KeyError(f"gene: {gene!r} is neither in adata.var_names nor a symbol in adata.var.")
     key = key_added or f"coexpression_{gene}"
     _check_key(ad, key)
-    mask = _cells_mask(ad, cells)
+    mask = cells_mask(ad, cells)
     X = _counts(ad, layer)
     X = X[np.flatnonzero(mask)]
     X = sparse.csr_matrix(X, dtype=np.float64) if sparse.issparse(X) else sparse.csr_matrix(np.asarray(X, float))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from sc_dta._chunks import cells_mask
 from sc_dta._utils import get_anndata
 from sc_dta.models._perturb_engine import KINDS, PerturbSpec, ShiftResult, run_perturbations
 
@@ -168,13 +169,6 @@ def _token_columns(tokens: Any, largest_token: int = 0) -> np.ndarray:
     return tok2col
 
 
-def _cells_mask(adata: AnnData, cells: Any) -> np.ndarray:
-    """Boolean mask over ``adata.obs`` of ``cells`` (see :func:`sc_dta._chunks.cells_mask`)."""
-    from sc_dta._chunks import cells_mask
-
-    return cells_mask(adata, cells)
-
-
 def _copy(data: AnnData | MuData, ad: AnnData, function: str) -> AnnData | MuData:
     """``data.copy()``, refused with a clear message when ``ad`` is backed (a copy would load ``X``)."""
     from sc_dta._chunks import is_backed
@@ -317,6 +311,25 @@ def _existing_slots(adata: AnnData, key: str) -> list[str]:
 RESULT_KINDS = {"perturb_gene": ("delete", "overexpress"), "perturb_tss": ("tss_mutation",)}
 
 
+def _refuse_foreign_slots(
+    adata: AnnData, key: str, slots: Sequence[str], kinds: Sequence[str], function: str, *, foreign: bool = False
+) -> None:
+    """Raise when ``slots`` (the existing slots of ``key``) are not a previous result of ``function``.
+
+    A previous result is recognised by ``uns[key]['params']['kind']`` in ``kinds``; ``foreign=True`` refuses anyway.
+    """
+    if not slots:
+        return
+    uns = adata.uns.get(key)
+    params = uns.get("params") if isinstance(uns, Mapping) else None
+    kind = params.get("kind") if isinstance(params, Mapping) else None
+    if foreign or kind not in kinds:
+        raise ValueError(
+            f"key_added={key!r}: {', '.join(slots)} already exist and are not a previous {function} result; "
+            "choose another key_added (nothing was written)."
+        )
+
+
 def _check_keys(adata: AnnData, keys: Sequence[str], function: str) -> list[str]:
     """Validate result keys; refuse to overwrite slots that are not a previous result of ``function``.
 
@@ -331,14 +344,7 @@ def _check_keys(adata: AnnData, keys: Sequence[str], function: str) -> list[str]
         slots = _existing_slots(adata, key)
         if not slots:
             continue
-        uns = adata.uns.get(key)
-        params = uns.get("params") if isinstance(uns, Mapping) else None
-        kind = params.get("kind") if isinstance(params, Mapping) else None
-        if kind not in RESULT_KINDS[function] or key in adata.varm:
-            raise ValueError(
-                f"key_added={key!r}: {', '.join(slots)} already exist and are not a previous {function} result; "
-                "choose another key_added (nothing was written)."
-            )
+        _refuse_foreign_slots(adata, key, slots, RESULT_KINDS[function], function, foreign=key in adata.varm)
         previous.append(key)
     return previous
 
@@ -468,7 +474,7 @@ class _Run:
 
         self.adata = adata
         resolve_emb_layer(model, emb_layer)
-        mask = _cells_mask(adata, cells)
+        mask = cells_mask(adata, cells)
         self.tokens = _tokenize(adata, model, tokens, layer, mask)
         self.vocab = _vocab_of(model, self.tokens)
         if tokens is not None:

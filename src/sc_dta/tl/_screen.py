@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from sc_dta._chunks import cells_mask
 from sc_dta._distributed import Distributed
 from sc_dta._utils import get_anndata
 from sc_dta.models._perturb_engine import KINDS, PerturbSpec, holds_tokens, run_perturbations
@@ -23,7 +24,6 @@ from sc_dta.tl._perturb import (
     _as_model,
     _assemble,
     _assemble_expression,
-    _cells_mask,
     _check_dna,
     _check_readout,
     _check_tokens_fit,
@@ -31,6 +31,7 @@ from sc_dta.tl._perturb import (
     _h5ad_safe,
     _model_info,
     _mutation_text,
+    _refuse_foreign_slots,
     _resolve_gene,
     _select_cells,
     _special_ids,
@@ -176,7 +177,7 @@ class _Cells:
     """
 
     def __init__(self, adata: AnnData, model: nn.Module, tokens: Any, cells: Any, layer: str | None) -> None:
-        mask = _cells_mask(adata, cells)
+        mask = cells_mask(adata, cells)
         self.adata_like = adata  # only its shape is used by the assemblers
         self.tokens = _tokenize(adata, model, tokens, layer, mask)
         self.vocab = _vocab_of(model, self.tokens)
@@ -580,14 +581,7 @@ def _check_key_added(adata: AnnData, key: str | None) -> None:
         return
     if not isinstance(key, str) or not key:
         raise ValueError(f"key_added: expected a non-empty string or None, got {key!r}.")
-    slots = _cell_slots(adata, key)
-    uns = adata.uns.get(key)
-    params = uns.get("params") if isinstance(uns, Mapping) else None
-    if slots and not (isinstance(params, Mapping) and params.get("kind") == "screen"):
-        raise ValueError(
-            f"key_added={key!r}: {', '.join(slots)} already exist and are not a previous screen's result; choose "
-            "another key_added or key_added=None (nothing was written)."
-        )
+    _refuse_foreign_slots(adata, key, _cell_slots(adata, key), ("screen",), "screen")
 
 
 def _write_cell_results(
